@@ -1,0 +1,215 @@
+"""Stage 3: generate a synthetic segmentation dataset (image + mask pairs) with a JoDiffusion pipeline.
+
+    python -m inference.generate --pipeline runs/toy/jodiffusion --dataset toy --num_pairs 2000 \\
+        --output_dir data/gen/toy
+    accelerate launch --num_processes 4 -m inference.generate --pipeline runs/voc/jodiffusion \\
+        --dataset voc --num_pairs 40000 --output_dir data/gen/voc
+
+Writes the mmseg layout of ``dataset/synthetic.py`` plus ``config.yaml`` and ``log.txt``.
+Pair ``i`` is seeded from ``pair_seed(seed, i)`` and computed in a batch fixed by the global
+index list, so the same seed gives the same bytes with any number of processes (same hardware
+and library versions; on CPU also the same ``--cpu_threads``: the thread count changes the
+order of float reductions, measured to flip pixels between 1 and 2 threads). A rerun of the
+same command skips finished pairs; ``--stop_after K`` stops each process after K new pairs
+(to split a long job, or to test resuming).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dataset import DATASET_NAMES, get_dataset_info
+from dataset.synthetic import SyntheticWriter, batches, pair_seed, repeat_shuffled, shard
+from utils.config import config_to_dict, die, parse_config
+from utils.io import RunDir
+
+SCHEDULERS = ("dpmsolver++", "ddim", "euler", "euler_ancestral", "unipc", "pndm")
+
+
+@dataclass
+class GenerateConfig:
+    """Generate image + mask pairs from prompts with a JoDiffusion pipeline."""
+
+    pipeline: str = field(default="", metadata={"help": "JoDiffusionPipeline folder (save_pretrained)"})
+    output_dir: str = field(default="", metadata={"help": "where the synthetic dataset goes"})
+    dataset: str = field(default="toy", metadata={"help": f"one of {', '.join(DATASET_NAMES)}"})
+    data_root: str | None = field(default=None, metadata={"help": "override the dataset's data_root"})
+    num_pairs: int = field(default=40000, metadata={"help": "pairs to generate (paper: 40k ADE20K/VOC, 80k COCO)"})
+    prompt_source: str = field(default="captions", metadata={
+        "help": "captions (training captions, repeated and shuffled), class_names (one class per prompt), "
+                "or file (--prompt_file, one prompt per line)"})
+    prompt_file: str | None = field(default=None, metadata={"help": "prompts, one per line (prompt_source=file)"})
+    caption_split: str = field(default="train", metadata={"help": "split whose captions are the prompts"})
+    seed: int = field(default=0, metadata={"help": "base seed: prompt order and every pair's noise"})
+    num_inference_steps: int = field(default=50, metadata={"help": "sampling steps (paper: 50)"})
+    guidance_scale: float = field(default=8.0, metadata={"help": "classifier-free guidance (paper: 8)"})
+    scheduler: str = field(default="dpmsolver++", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per forward pass (part of the settings: it fixes batch composition)"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
+    confidence_threshold: float = field(default=0.5, metadata={"help": "mask pixels less confident than this are low-confidence"})
+    low_confidence_label: int = field(default=255, metadata={"help": "label written for low-confidence pixels (255 = ignore)"})
+    image_format: str = field(default="png", metadata={"help": "png or jpg"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16"})
+    stop_after: int | None = field(default=None, metadata={"help": "each process stops after this many new pairs"})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "torch threads per process on CPU (bytes depend on it; default: torch's choice)"})
+    preview_count: int = field(default=8, metadata={"help": "pairs shown in preview.png"})
+
+
+def make_prompts(cfg: GenerateConfig, info) -> list[str]:
+    """The ``num_pairs`` prompts, identical on every process (they depend only on the config)."""
+    if cfg.prompt_source == "captions":
+        from dataset.segmentation import DatasetError, load_captions
+
+        try:
+            captions = load_captions(info, cfg.caption_split)
+        except DatasetError as e:
+            die(str(e))
+        if not captions:
+            die(f"{info.root()}: dataset '{info.name}' has no {cfg.caption_split} captions; make them "
+                "(utils/prepare_captions.py) or use --prompt_source class_names")
+        pool = [captions[k] for k in sorted(captions)]
+    elif cfg.prompt_source == "class_names":
+        pool = [info.class_name_caption([label]) for label in range(1, info.num_labels)]
+    elif cfg.prompt_source == "file":
+        if not cfg.prompt_file or not Path(cfg.prompt_file).is_file():
+            die(f"{cfg.prompt_file}: prompt file not found (needed by --prompt_source file)")
+        pool = [line.strip() for line in Path(cfg.prompt_file).read_text().splitlines() if line.strip()]
+        if not pool:
+            die(f"{cfg.prompt_file}: no prompts in the file")
+    else:
+        die(f"--prompt_source must be captions, class_names or file, got {cfg.prompt_source!r}")
+    return repeat_shuffled(pool, cfg.num_pairs, cfg.seed)
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    classes = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
+               "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+               "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
+    if name not in classes:
+        die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    return getattr(diffusers, classes[name]).from_config(config, **extra)
+
+
+def settings_of(cfg: GenerateConfig, dtype: torch.dtype) -> dict:
+    """What decides a pair's bytes (no process count, no paths of this run)."""
+    keep = ("dataset", "num_pairs", "prompt_source", "seed", "num_inference_steps", "guidance_scale",
+            "scheduler", "batch_size", "height", "width", "confidence_threshold", "low_confidence_label",
+            "image_format")
+    out = {k: v for k, v in config_to_dict(cfg).items() if k in keep}
+    out.update(checkpoint=cfg.pipeline, dtype=str(dtype).replace("torch.", ""))
+    return out
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(GenerateConfig, argv, description=__doc__)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm import tqdm
+
+    from models.pipeline_jodiffusion import JoDiffusionPipeline
+
+    if not cfg.pipeline or not (Path(cfg.pipeline) / "model_index.json").is_file():
+        die(f"{cfg.pipeline or '--pipeline'}: not a pipeline folder (no model_index.json); "
+            "train one with train/jodiffusion.py or pass its export folder")
+    if not cfg.output_dir:
+        die("--output_dir is required")
+    if cfg.image_format not in ("png", "jpg"):
+        die(f"--image_format must be png or jpg, got {cfg.image_format!r}")
+    if cfg.num_pairs < 1 or cfg.batch_size < 1:
+        die("--num_pairs and --batch_size must be >= 1")
+    try:
+        info = get_dataset_info(cfg.dataset, cfg.data_root)
+    except ValueError as e:
+        die(str(e))
+
+    # accelerate reads ACCELERATE_USE_CPU only in AcceleratorState; PartialState needs it passed,
+    # or CPU worker processes would each think they are alone
+    if cfg.cpu_threads is not None:
+        if cfg.cpu_threads < 1:
+            die("--cpu_threads must be >= 1")
+        torch.set_num_threads(cfg.cpu_threads)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if state.device.type == "cuda" else "no"
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        die(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    dtype = dtypes[precision]
+
+    run = RunDir(cfg.output_dir, is_main=state.is_main_process, name="generate")
+    run.save_config(cfg)
+    pipe = JoDiffusionPipeline.from_pretrained(cfg.pipeline, dtype=dtype).to(state.device)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.check_components()
+    except ValueError as e:
+        die(f"{cfg.pipeline}: {e}")
+    if pipe.label_vae.config.num_labels != info.num_labels:
+        die(f"{cfg.pipeline}: its label VAE decodes {pipe.label_vae.config.num_labels} labels but dataset "
+            f"'{info.name}' has {info.num_labels}")
+    if not (0 <= cfg.low_confidence_label < info.num_labels or cfg.low_confidence_label == info.ignore_index):
+        die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
+
+    writer = SyntheticWriter(cfg.output_dir, info.name, img_suffix="." + cfg.image_format)
+    settings = settings_of(cfg, dtype)
+    done = writer.records()
+    if done and {k: done[0]["settings"].get(k) for k in settings} != settings:
+        old = done[0]["settings"]
+        diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
+        die(f"{cfg.output_dir}: holds pairs made with other settings ({diff}); use another --output_dir")
+
+    prompts = make_prompts(cfg, info)
+    mine = shard(batches(range(cfg.num_pairs), cfg.batch_size), state.process_index, state.num_processes)
+    todo = sum(1 for b in mine for i in b if not writer.is_done(i))
+    run.log(f"{cfg.num_pairs} pairs, {state.num_processes} process(es); this one has {todo} to make "
+            f"({precision}, {cfg.scheduler} x {cfg.num_inference_steps}, guidance {cfg.guidance_scale})")
+    bar = tqdm(total=todo, unit="pair", desc="generate", disable=not state.is_main_process, dynamic_ncols=True)
+    made = 0
+    for batch in mine:
+        missing = [i for i in batch if not writer.is_done(i)]
+        if not missing:
+            continue
+        if cfg.stop_after is not None and made >= cfg.stop_after:
+            break
+        # always the whole fixed batch, even if only some of it is missing: a pair's bytes may
+        # depend on its batch-mates through floating-point kernels, never on what was done before
+        seeds = [pair_seed(cfg.seed, i) for i in batch]
+        out = pipe([prompts[i] for i in batch], num_inference_steps=cfg.num_inference_steps,
+                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                   confidence_threshold=cfg.confidence_threshold)
+        masks = out.masks
+        if cfg.low_confidence_label != 255:
+            masks = masks.copy()
+            masks[masks == 255] = cfg.low_confidence_label
+        for j, i in enumerate(batch):
+            if i not in missing:
+                continue
+            writer.write_pair(i, out.images[j], masks[j], {
+                "prompt": prompts[i], "seed": seeds[j], "checkpoint": cfg.pipeline, "settings": settings,
+                "low_confidence_fraction": round(float((out.masks[j] == 255).mean()), 6)})
+            made += 1
+            bar.update()
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finished = sum(writer.is_done(i) for i in range(cfg.num_pairs))
+        if finished < cfg.num_pairs:
+            run.log(f"stopped with {finished} of {cfg.num_pairs} pairs written; rerun the same command to finish")
+        else:
+            writer.finalize(info, "jodiffusion", settings, expected=cfg.num_pairs, preview_count=cfg.preview_count)
+            run.log(f"done: {cfg.num_pairs} pairs in {cfg.output_dir} (preview.png, manifest.jsonl)")
+    run.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""JoDiffusionPipeline: a prompt -> an image and its class-index mask, from one joint latent.
+
+    from models.pipeline_jodiffusion import JoDiffusionPipeline
+    pipe = JoDiffusionPipeline.from_pretrained("runs/toy/jodiffusion").to("cuda", torch.float16)
+    out = pipe(["a red circle on a striped background"], num_inference_steps=50, guidance_scale=8.0,
+               generator=[torch.Generator().manual_seed(0)])
+    out.images[0]      # H x W x 3 uint8
+    out.masks[0]       # H x W uint8 class indices (255 where the label decoder is unsure)
+    out.confidence[0]  # H x W float, the label decoder's top softmax probability
+
+The joint latent is ``[image latent ; label latent]`` along channels (4 + 4 = 8 for SD): one
+noise level, one UNet (``models.joint_unet.widen_unet_for_labels``) that predicts the noise of
+both halves (METHOD.md §3-4). The image half is decoded by ``vae`` (after dividing by its
+scaling factor), the label half by ``models.label_vae.decode_latents_to_masks``.
+
+It is an ordinary diffusers ``DiffusionPipeline``: ``save_pretrained`` writes
+``model_index.json`` with ``label_vae: ["models.label_vae", "<class>"]``, so
+``from_pretrained`` re-imports the label VAE from this repository (run from the repo root);
+``.to()``, ``set_progress_bar_config`` and scheduler swapping
+(``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``) work as usual.
+
+Reproducibility: pass ``generator`` as a list, one ``torch.Generator`` per sample. Each
+sample's initial noise (and any noise a stochastic scheduler adds) is then drawn from its own
+generator, so a sample does not depend on the others in its batch, up to float rounding:
+kernels may round differently for another batch shape (measured on CPU: the VAE decoder differs
+by ~4e-6 between batch 1 and 2, enough to flip a uint8 now and then). For identical bytes, keep
+the batch composition fixed, as ``inference.generate`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from models.label_vae import decode_latents_to_masks
+
+# The authors' sampling settings (METHOD.md §4).
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 8.0
+
+
+@dataclass
+class JoDiffusionPipelineOutput(BaseOutput):
+    """``output_type="np"``: images uint8 BxHxWx3, masks uint8 BxHxW, confidence float32 BxHxW.
+    ``"pt"``: images float Bx3xHxW in [0, 1], masks int64 BxHxW, confidence float BxHxW.
+    ``"latent"``: images = the image latents, masks = the label latents (both scaled), confidence None.
+    """
+
+    images: np.ndarray | torch.Tensor
+    masks: np.ndarray | torch.Tensor
+    confidence: np.ndarray | torch.Tensor | None
+
+
+def default_scheduler_config() -> dict:
+    """DPM-Solver++ (multistep, order 2), the authors' sampler, on SD's training schedule."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", steps_offset=1)
+
+
+class JoDiffusionPipeline(DiffusionPipeline):
+    """Joint image + mask generation with classifier-free guidance and any diffusers scheduler."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae->label_vae"
+    _optional_components: list[str] = []
+
+    def __init__(self, vae, label_vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, label_vae=label_vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def label_latent_channels(self) -> int:
+        return int(self.label_vae.config.latent_channels)
+
+    def check_components(self) -> None:
+        """Clear errors for mismatched parts (a UNet not widened, VAEs at different factors)."""
+        want = self.image_latent_channels + self.label_latent_channels
+        if self.unet.config.in_channels != want or self.unet.config.out_channels != want:
+            raise ValueError(
+                f"the UNet takes {self.unet.config.in_channels} and predicts {self.unet.config.out_channels} "
+                f"channels, but the joint latent has {want} (image {self.image_latent_channels} + label "
+                f"{self.label_latent_channels}); widen it with models.joint_unet.widen_unet_for_labels")
+        label_factor = getattr(self.label_vae, "downsample_factor", self.vae_scale_factor)
+        if label_factor != self.vae_scale_factor:
+            raise ValueError(f"the image VAE downsamples by {self.vae_scale_factor} but the label VAE by "
+                             f"{label_factor}: their latents would not line up")
+
+    # -- text --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device))[0]
+
+    # -- decoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, confidence_threshold: float = 0.5):
+        """Joint latents -> (images float Bx3xHxW in [0, 1], masks int64, confidence float32)."""
+        c = self.image_latent_channels
+        image_latents, label_latents = latents[:, :c], latents[:, c:]
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(image_latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        masks, confidence = decode_latents_to_masks(
+            self.label_vae, label_latents, threshold=confidence_threshold,
+            ignore_index=int(getattr(self.label_vae.config, "ignore_index", 255)))
+        return images, masks, confidence.float()
+
+    # -- sampling ----------------------------------------------------------------------------
+    def prepare_latents(self, batch_size: int, height: int, width: int, dtype, device, generator):
+        shape = (batch_size, self.image_latent_channels + self.label_latent_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for {batch_size} samples; pass one per sample")
+        # randn_tensor draws each sample from its own generator when given a list: that is what
+        # makes a sample independent of its batch-mates
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        confidence_threshold: float = 0.5,
+        output_type: str = "np",
+        negative_prompt: str | list[str] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
+        return_dict: bool = True,
+    ):
+        """Generate ``len(prompt)`` pairs.
+
+        ``guidance_scale`` <= 1 disables classifier-free guidance (one UNet pass per step).
+        ``confidence_threshold``: mask pixels whose label probability is below it become 255.
+        ``latents``: start from these (B x 8 x h x w, already scaled by ``init_noise_sigma``)
+        instead of drawing noise.
+        """
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        self.check_components()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        if batch == 0:
+            raise ValueError("no prompts given")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+
+        cond = self.encode_prompt(prompts, device)
+        if do_cfg:
+            negatives = negative_prompt if negative_prompt is not None else ""
+            negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
+            text = torch.cat([self.encode_prompt(negatives, device), cond])
+        else:
+            text = cond
+        unet_dtype = self.unet.dtype
+        text = text.to(unet_dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = self.prepare_latents(batch, height, width, torch.float32, device, generator)
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+        # the solver state stays in fp32 even when the UNet runs in fp16/bf16: its multistep
+        # updates subtract nearly equal numbers
+        extra = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
+
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise = self.unet(model_in.to(unet_dtype), t, encoder_hidden_states=text).sample.float()
+                if do_cfg:
+                    uncond, cond_noise = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond_noise - uncond)
+                latents = self.scheduler.step(noise, t, latents, **extra).prev_sample
+                if callback_on_step_end is not None:
+                    callback_on_step_end(i, int(t), latents)
+                bar.update()
+
+        if output_type == "latent":
+            c = self.image_latent_channels
+            out = JoDiffusionPipelineOutput(images=latents[:, :c], masks=latents[:, c:], confidence=None)
+        else:
+            images, masks, confidence = self.decode_latents(latents, confidence_threshold)
+            if output_type == "np":
+                images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                masks = masks.to(torch.uint8).cpu().numpy()
+                confidence = confidence.cpu().numpy()
+            out = JoDiffusionPipelineOutput(images=images, masks=masks, confidence=confidence)
+        self.maybe_free_model_hooks()
+        return out if return_dict else (out.images, out.masks, out.confidence)
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def build_jodiffusion_pipeline(base: dict, label_vae, joint_unet, scheduler=None) -> JoDiffusionPipeline:
+    """Assemble a pipeline from SD components (``vae``, ``text_encoder``, ``tokenizer``), a label VAE
+    and a widened UNet; the scheduler defaults to DPM-Solver++ with the authors' settings."""
+    scheduler = scheduler or DPMSolverMultistepScheduler(**default_scheduler_config())
+    return JoDiffusionPipeline(vae=base["vae"], label_vae=label_vae, text_encoder=base["text_encoder"],
+                               tokenizer=base["tokenizer"], unet=joint_unet, scheduler=scheduler)
