@@ -1,0 +1,23 @@
+# Toy schedule (the benchmark profile): AdamW + poly decay, 2000 iterations of batch 16.
+# Demo profile: --cfg-options train_cfg.max_iters=300 (the LR schedule end follows max_iters
+# when run through train/segmenter.py).
+max_iters = 2000
+optim_wrapper = dict(
+    type="OptimWrapper",
+    optimizer=dict(type="AdamW", lr=0.002, betas=(0.9, 0.999), weight_decay=0.0001),
+    clip_grad=None,
+)
+param_scheduler = [
+    dict(type="PolyLR", eta_min=1e-5, power=0.9, begin=0, end=max_iters, by_epoch=False),
+]
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=1000)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+default_hooks = dict(
+    timer=dict(type="IterTimerHook"),
+    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type="ParamSchedulerHook"),
+    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=1000, max_keep_ckpts=2),
+    sampler_seed=dict(type="DistSamplerSeedHook"),
+    visualization=dict(type="SegVisualizationHook"),
+)

@@ -1,0 +1,11 @@
+# DeepLabV3+ R50-D8 trained on generated ade20k pairs, evaluated on the real ade20k val split.
+#   CONFIG=configs/seg/ade20k_deeplabv3plus_r50_synthetic.py GPUS=4 bash scripts/seg/ade20k_deeplabv3plus_r101.sh \
+#       --cfg-options train_dataloader.dataset.data_root=DIR
+_base_ = [
+    "./_base_/models/deeplabv3plus_r50.py",
+    "./_base_/datasets/ade20k.py",
+    "./_base_/default_runtime.py",
+    "./_base_/schedules/sgd_poly_80k.py",
+]
+model = dict(decode_head=dict(num_classes=_base_.num_classes),
+             auxiliary_head=dict(num_classes=_base_.num_classes))

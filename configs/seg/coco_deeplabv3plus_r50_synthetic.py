@@ -1,0 +1,11 @@
+# DeepLabV3+ R50-D8 trained on generated coco pairs, evaluated on the real coco val split.
+#   CONFIG=configs/seg/coco_deeplabv3plus_r50_synthetic.py GPUS=4 bash scripts/seg/coco_deeplabv3plus_r101.sh \
+#       --cfg-options train_dataloader.dataset.data_root=DIR
+_base_ = [
+    "./_base_/models/deeplabv3plus_r50.py",
+    "./_base_/datasets/coco.py",
+    "./_base_/default_runtime.py",
+    "./_base_/schedules/sgd_poly_80k.py",
+]
+model = dict(decode_head=dict(num_classes=_base_.num_classes),
+             auxiliary_head=dict(num_classes=_base_.num_classes))

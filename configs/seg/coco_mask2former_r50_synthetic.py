@@ -1,0 +1,16 @@
+# Mask2Former R50 trained on generated coco pairs, evaluated on the real coco val split.
+#   GPUS=4 bash scripts/seg/coco_mask2former_r50.sh \
+#       --cfg-options train_dataloader.dataset.data_root=DIR
+_base_ = [
+    "./_base_/models/mask2former_r50.py",
+    "./_base_/datasets/coco.py",
+    "./_base_/default_runtime.py",
+    "./_base_/schedules/adamw_poly_160k.py",
+]
+num_classes = _base_.num_classes
+model = dict(
+    decode_head=dict(
+        num_classes=num_classes,
+        loss_cls=dict(class_weight=[1.0] * num_classes + [0.1]),
+    )
+)

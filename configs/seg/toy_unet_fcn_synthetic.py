@@ -1,0 +1,7 @@
+# Toy segmenter trained on generated pairs (dataset/synthetic.py layout, source="synthetic":
+# pairs whose mask is not written yet are skipped), evaluated on the real toy val split.
+#   python -m train.segmenter configs/seg/toy_unet_fcn_synthetic.py --work-dir runs/seg/toy_syn \
+#       --cfg-options train_dataloader.dataset.data_root=runs/generate/toy
+_base_ = ["./toy_unet_fcn.py"]
+synthetic_root = "data/synthetic/toy"
+train_dataloader = dict(dataset=dict(source="synthetic", data_root=synthetic_root))
