@@ -1,0 +1,119 @@
+"""Benchmark: how well a trained label VAE reconstructs masks, and how fast it encodes + decodes.
+
+    bash scripts/ae/toy_light.sh && python -m bench.bench_label_vae     # toy val split, CPU
+
+1. Reconstruction on the val split: mask -> posterior-mean latent (scaled) -> decode -> argmax
+   with the 0.5 confidence rule (low confidence counts as an error), scored with
+   ``utils.metrics.IoUAccumulator`` over the dataset's K + 1 labels. Target on toy: mIoU >= 0.98.
+2. Throughput of ``encode_masks`` + ``decode_latents_to_masks`` in masks/s (fastest of
+   ``--repeats`` timed passes over the batch: on a shared machine other jobs only ever add time).
+
+Prints and saves ``bench/results/label_vae.json``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.config import die, parse_config
+from utils.io import atomic_write_json
+
+
+@dataclass
+class BenchLabelVAEConfig:
+    """Label VAE reconstruction mIoU and encode+decode throughput."""
+
+    model: str = field(default="runs/label_vae_toy", metadata={"help": "run folder or label_vae/ export"})
+    dataset: str = field(default="toy", metadata={"help": "dataset whose val split is scored"})
+    data_root: str | None = field(default=None, metadata={"help": "override the dataset's data_root"})
+    split: str = field(default="val", metadata={"help": "split to reconstruct"})
+    resolution: int | None = field(default=None, metadata={"help": "mask size (default: the dataset's)"})
+    batch_size: int = field(default=100, metadata={"help": "masks per encode/decode call"})
+    max_samples: int = field(default=0, metadata={"help": "masks scored (0 = all)"})
+    repeats: int = field(default=5, metadata={"help": "timed passes (fastest kept)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    cpu_threads: int | None = field(default=2, metadata={"help": "torch threads on CPU"})
+    output: str = field(default="bench/results/label_vae.json", metadata={"help": "where the JSON goes"})
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(BenchLabelVAEConfig, argv, description=__doc__)
+    from dataset import get_dataset_info
+    from dataset.segmentation import DatasetError, SegmentationDataset
+    from models.label_vae import decode_latents_to_masks, encode_masks, load_label_vae
+    from utils.metrics import IoUAccumulator
+
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        vae = load_label_vae(cfg.model).to(cfg.device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    info = get_dataset_info(cfg.dataset, cfg.data_root)
+    size = cfg.resolution or info.default_size
+    try:
+        ds = SegmentationDataset(info, cfg.split, size=size)
+    except DatasetError as e:
+        die(str(e))
+    n = min(len(ds), cfg.max_samples) if cfg.max_samples else len(ds)
+    masks = torch.stack([ds[i]["mask"] for i in range(n)])
+    if vae.config.num_labels != info.num_labels:
+        die(f"{cfg.model}: model decodes {vae.config.num_labels} labels, dataset {info.name} has {info.num_labels}")
+
+    acc, low_conf = IoUAccumulator(info.num_labels, info.ignore_index), 0
+    with torch.no_grad():
+        for s in range(0, n, cfg.batch_size):
+            batch = masks[s : s + cfg.batch_size]
+            recon, _ = decode_latents_to_masks(vae, encode_masks(vae, batch), ignore_index=info.ignore_index)
+            recon = recon.cpu()
+            acc.update(recon.numpy(), batch.numpy())
+            low_conf += int(((recon == info.ignore_index) & (batch != info.ignore_index)).sum())
+        res = acc.result()
+
+        batch = masks[: cfg.batch_size]
+        decode_latents_to_masks(vae, encode_masks(vae, batch))  # warm-up
+        times = []
+        for _ in range(cfg.repeats):
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            decode_latents_to_masks(vae, encode_masks(vae, batch))
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+
+    result = {
+        "model": str(cfg.model),
+        "model_class": type(vae).__name__,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        "scaling_factor": float(vae.config.scaling_factor),
+        "dataset": info.name,
+        "split": cfg.split,
+        "resolution": size,
+        "num_masks": n,
+        "reconstruction_mIoU": res["mIoU"],
+        "reconstruction_pixel_acc": res["pixel_acc"],
+        "per_class_IoU": dict(zip(info.classes, res["per_class_IoU"])),
+        "low_confidence_pixel_fraction": low_conf / max(1, int((masks != info.ignore_index).sum())),
+        "target_mIoU": 0.98,
+        "meets_target": bool(res["mIoU"] >= 0.98),
+        "throughput_batch": len(batch),
+        "encode_decode_masks_per_s": len(batch) / min(times),
+        "encode_decode_masks_per_s_median": len(batch) / statistics.median(times),
+        "device": cfg.device,
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    atomic_write_json(cfg.output, result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The label VAE (stage 1): class-index masks <-> 4-channel latents shaped like the image VAE's.
+
+A mask of label values 0..K (255 = ignore) is bit-encoded (one channel per bit, mapped to
+[-1, 1]; ignore pixels are the all-zero code no class can produce), encoded by a small conv
+net to a diagonal Gaussian at 1/8 resolution, and decoded by transposed convs to K + 1 logits.
+Every later stage goes through four functions: ``bit_encode``, ``encode_masks``,
+``decode_latents_to_masks`` and ``load_label_vae``; they work for both model types.
+
+    from models.label_vae import load_label_vae, encode_masks, decode_latents_to_masks
+    vae = load_label_vae("runs/label_vae_toy")              # or runs/label_vae_toy/label_vae
+    z = encode_masks(vae, masks)                             # B x 4 x H/8 x W/8, scaled
+    masks, confidence = decode_latents_to_masks(vae, z)     # low confidence -> 255
+
+Two model types share that API: ``LabelVAE`` (the authors' lightweight net, ~15M parameters
+at the paper's widths) and ``LabelAutoencoderKL`` (a diffusers ``AutoencoderKL`` in the SD-1.5
+configuration with ``in_channels = num_bits`` and ``out_channels = K + 1``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+# The authors' latent scaling factor for the label latent (METHOD.md §2).
+PAPER_SCALING_FACTOR = 0.2
+
+MODEL_TYPES = ("label_vae", "autoencoder_kl")
+
+
+def bits_for_labels(num_labels: int) -> int:
+    """Bits needed for label values 0..num_labels-1 (VOC 21 -> 5, COCO 81 -> 7, ADE20K 151 -> 8).
+
+    The paper writes ceil(log2 K); counting the values 0..K instead is the same for its three
+    datasets and stays right when K is a power of two.
+    """
+    if num_labels < 2:
+        raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+    return max(1, (num_labels - 1).bit_length())
+
+
+def bit_encode(mask: torch.Tensor, num_bits: int, ignore_index: int = 255) -> torch.Tensor:
+    """B x H x W integer labels -> B x num_bits x H x W float in {-1, 0, 1}.
+
+    Channel i holds bit i of the label as -1/+1; ignore pixels are 0 in every channel (the
+    paper's 0.5 before the 2x-1 mapping), a code no class can produce.
+    """
+    if mask.dim() != 3:
+        raise ValueError(f"bit_encode expects B x H x W labels, got shape {tuple(mask.shape)}")
+    mask = mask.long()
+    ignore = mask == ignore_index
+    valid = mask.masked_fill(ignore, 0)
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= 2**num_bits):
+        raise ValueError(f"labels must lie in [0, {2**num_bits}) or equal {ignore_index}; "
+                         f"got values {int(valid.min())}..{int(valid.max())}")
+    shifts = torch.arange(num_bits, device=mask.device).view(1, num_bits, 1, 1)
+    bits = ((valid.unsqueeze(1) >> shifts) & 1).float() * 2 - 1
+    return bits.masked_fill(ignore.unsqueeze(1), 0.0)
+
+
+def bit_decode(bits: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Inverse of ``bit_encode`` (thresholds at 0; the all-zero code -> ignore). For tests and checks."""
+    ignore = (bits == 0).all(dim=1)
+    weights = (2 ** torch.arange(bits.shape[1], device=bits.device)).view(1, -1, 1, 1)
+    labels = ((bits > 0).long() * weights).sum(1)
+    return labels.masked_fill(ignore, ignore_index)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dimension of an NCHW tensor (per pixel)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LabelVAE(ModelMixin, ConfigMixin):
+    """The authors' lightweight label VAE (METHOD.md §2); defaults are the paper's widths.
+
+    ``encoder_channels = (c0, c1, ..., cn)``: a stem conv to c0, then n stages (conv3x3 to c_i,
+    stride-2 conv3x3, SiLU), so the latent is at 1/2**n resolution. ``decoder_channels`` has the
+    same length: a conv from the latent to d0, then n x (ConvTranspose k2 s2, channel LayerNorm,
+    SiLU). The toy profile uses two stages (32 px masks -> 8 x 8 latents).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_labels: int = 151,
+        ignore_index: int = 255,
+        num_bits: int | None = None,
+        latent_channels: int = 4,
+        encoder_channels: Sequence[int] = (128, 256, 512, 512),
+        decoder_channels: Sequence[int] = (512, 512, 512, 512),
+        norm_num_groups: int = 32,
+        scaling_factor: float = PAPER_SCALING_FACTOR,
+    ):
+        super().__init__()
+        if num_bits is None:
+            num_bits = bits_for_labels(num_labels)
+            self.register_to_config(num_bits=num_bits)
+        enc, dec = list(encoder_channels), list(decoder_channels)
+        if len(enc) < 1 or len(enc) != len(dec):
+            raise ValueError(f"encoder_channels {enc} and decoder_channels {dec} need the same "
+                             "length (one up stage per down stage)")
+        for c in (enc[-1], dec[-1]):
+            if c % norm_num_groups:
+                raise ValueError(f"{c} channels are not divisible by norm_num_groups={norm_num_groups}")
+
+        self.encoder = nn.Sequential(
+            nn.Conv2d(num_bits, enc[0], 3, padding=1), nn.SiLU(),
+            *[nn.Sequential(nn.Conv2d(enc[i], enc[i + 1], 3, padding=1),
+                            nn.Conv2d(enc[i + 1], enc[i + 1], 3, stride=2, padding=1), nn.SiLU())
+              for i in range(len(enc) - 1)],
+            nn.Conv2d(enc[-1], enc[-1], 3, padding=1),
+            nn.GroupNorm(norm_num_groups, enc[-1], eps=1e-6), nn.SiLU(),
+            nn.Conv2d(enc[-1], 2 * latent_channels, 3, padding=1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, dec[0], 3, padding=1),
+            *[nn.Sequential(nn.ConvTranspose2d(dec[i], dec[i + 1], 2, stride=2),
+                            ChannelLayerNorm(dec[i + 1]), nn.SiLU())
+              for i in range(len(dec) - 1)],
+            nn.GroupNorm(norm_num_groups, dec[-1], eps=1e-6), nn.SiLU(),
+            nn.Conv2d(dec[-1], num_labels, 3, padding=1),
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.encoder_channels) - 1)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        posterior = DiagonalGaussianDistribution(self.encoder(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        logits = self.decoder(z)
+        return DecoderOutput(sample=logits) if return_dict else (logits,)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bit-encoded masks -> K + 1 logits (training path)."""
+        posterior = self.encode(x).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z).sample
+
+
+class LabelAutoencoderKL(AutoencoderKL):
+    """The heavier alternative: diffusers' ``AutoencoderKL`` in the SD-1.5 configuration.
+
+    Only the label-specific settings are this class's own; the SD-1.5 layout (four
+    Down/UpDecoderBlock2D stages, two layers each, 128-256-512-512) is fixed by the defaults.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_labels: int = 151,
+        ignore_index: int = 255,
+        num_bits: int | None = None,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        sample_size: int = 512,
+        scaling_factor: float = PAPER_SCALING_FACTOR,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+    ):
+        num_bits = num_bits or bits_for_labels(num_labels)
+        n = len(block_out_channels)
+        super().__init__(
+            in_channels=num_bits, out_channels=num_labels,
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+            act_fn="silu", latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+            sample_size=sample_size, scaling_factor=scaling_factor,
+            use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
+        )
+        # AutoencoderKL.__init__ registered its own keys; keep only ours so from_pretrained
+        # round-trips without "unexpected config attributes" warnings.
+        self._internal_dict = type(self._internal_dict)(
+            {k: v for k, v in self._internal_dict.items() if k in _LABEL_AKL_KEYS or k.startswith("_")})
+        self.register_to_config(num_bits=num_bits)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+
+_LABEL_AKL_KEYS = ("num_labels", "ignore_index", "num_bits", "block_out_channels", "layers_per_block",
+                   "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
+                   "use_quant_conv", "use_post_quant_conv")
+
+_CLASSES = {"LabelVAE": LabelVAE, "LabelAutoencoderKL": LabelAutoencoderKL}
+
+
+def build_label_vae(model_type: str, num_labels: int, ignore_index: int = 255,
+                    encoder_channels: Sequence[int] | None = None,
+                    decoder_channels: Sequence[int] | None = None,
+                    norm_num_groups: int = 32, scaling_factor: float = PAPER_SCALING_FACTOR,
+                    sample_size: int = 512):
+    """A fresh model of either type; channel lists None = the paper's widths."""
+    if model_type == "label_vae":
+        kw = {}
+        if encoder_channels:
+            kw["encoder_channels"] = tuple(encoder_channels)
+        if decoder_channels:
+            kw["decoder_channels"] = tuple(decoder_channels)
+        return LabelVAE(num_labels=num_labels, ignore_index=ignore_index, norm_num_groups=norm_num_groups,
+                        scaling_factor=scaling_factor, **kw)
+    if model_type == "autoencoder_kl":
+        kw = {"block_out_channels": tuple(encoder_channels)} if encoder_channels else {}
+        return LabelAutoencoderKL(num_labels=num_labels, ignore_index=ignore_index,
+                                  norm_num_groups=norm_num_groups, scaling_factor=scaling_factor,
+                                  sample_size=sample_size, **kw)
+    raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+
+
+def load_label_vae(path_or_folder: str | Path, torch_dtype: torch.dtype | None = None):
+    """Load a saved label VAE of either type.
+
+    Accepts the ``save_pretrained`` folder itself, or a training run folder holding it as
+    ``label_vae/``.
+    """
+    folder = Path(path_or_folder)
+    if not (folder / "config.json").is_file() and (folder / "label_vae" / "config.json").is_file():
+        folder = folder / "label_vae"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path_or_folder}: no label VAE here (expected config.json or "
+                                "label_vae/config.json)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if class_name not in _CLASSES:
+        raise ValueError(f"{config_file}: _class_name {class_name!r} is not a label VAE "
+                         f"({', '.join(_CLASSES)})")
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return _CLASSES[class_name].from_pretrained(folder, use_safetensors=True, **kw)
+
+
+def _check_size(label_vae, h: int, w: int) -> None:
+    f = label_vae.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"mask size {h}x{w} is not divisible by the label VAE's factor {f}")
+
+
+def encode_masks(label_vae, masks: torch.Tensor, generator: torch.Generator | None = None,
+                 sample: bool = False) -> torch.Tensor:
+    """B x H x W labels -> scaled latents (B x 4 x H/f x W/f), ready for diffusion.
+
+    The posterior mean by default, so a mask always maps to the same latent; ``sample=True``
+    draws from the posterior (with ``generator``) as training does.
+    """
+    _check_size(label_vae, *masks.shape[-2:])
+    param = next(label_vae.parameters())
+    x = bit_encode(masks.to(param.device), label_vae.config.num_bits, label_vae.config.ignore_index)
+    posterior = label_vae.encode(x.to(param.dtype)).latent_dist
+    z = posterior.sample(generator) if sample else posterior.mode()
+    return z * label_vae.config.scaling_factor
+
+
+def decode_latents_to_masks(label_vae, latents_scaled: torch.Tensor, threshold: float = 0.5,
+                            ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents -> (masks int64 B x H x W, confidence float32 B x H x W).
+
+    Argmax over the K + 1 logits; pixels whose top softmax probability is below ``threshold``
+    get ``ignore_index`` (the paper's rule: do not trust a label the decoder is unsure of).
+    """
+    param = next(label_vae.parameters())
+    z = latents_scaled.to(device=param.device, dtype=param.dtype) / label_vae.config.scaling_factor
+    logits = label_vae.decode(z).sample.float()
+    confidence, masks = logits.softmax(dim=1).max(dim=1)
+    masks = masks.masked_fill(confidence < threshold, ignore_index)
+    return masks, confidence
+
+
+@torch.no_grad()
+def measure_latent_stats(label_vae, dataset, max_masks: int = 1000, batch_size: int = 16) -> dict:
+    """Mean and std of the unscaled posterior-mean latents over up to ``max_masks`` masks of
+    ``dataset`` (items with a ``"mask"``), spread evenly over it.
+
+    ``unit_variance_scaling_factor`` = 1/std is the scale that gives the diffusion model
+    unit-variance label latents (without a KL term the latent's scale is arbitrary).
+    """
+    n = len(dataset)
+    count = min(max_masks, n) if max_masks else n
+    if count == 0:
+        raise ValueError("no masks to measure latent statistics on")
+    indices = sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+    was_training = label_vae.training
+    label_vae.eval()
+    s1 = s2 = None
+    elems = 0
+    for start in range(0, len(indices), batch_size):
+        masks = torch.stack([dataset[i]["mask"] for i in indices[start:start + batch_size]])
+        z = encode_masks(label_vae, masks).double() / label_vae.config.scaling_factor
+        c1, c2 = z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3))
+        s1, s2 = (c1, c2) if s1 is None else (s1 + c1, s2 + c2)
+        elems += z.numel() // z.shape[1]
+    label_vae.train(was_training)
+    ch_mean = s1 / elems
+    ch_std = (s2 / elems - ch_mean**2).clamp_min(0).sqrt()
+    mean = s1.sum() / (elems * len(s1))
+    std = float((s2.sum() / (elems * len(s1)) - mean**2).clamp_min(0).sqrt())
+    return {
+        "num_masks": len(indices),
+        "mean": float(mean),
+        "std": std,
+        "per_channel_mean": ch_mean.tolist(),
+        "per_channel_std": ch_std.tolist(),
+        "unit_variance_scaling_factor": 1.0 / max(std, 1e-12),
+    }
