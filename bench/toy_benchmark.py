@@ -1,0 +1,416 @@
+"""The toy benchmark: the whole JoDiffusion chain (and the DiffuMask baseline) on the built-in toy
+dataset, ending in a report of how good the synthetic data is.
+
+    python -m bench.toy_benchmark --config configs/toy_benchmark/demo.yaml    # scripts/demo.sh, <= 15 min
+    python -m bench.toy_benchmark --config configs/toy_benchmark/bench.yaml   # scripts/toy_benchmark.sh, <= 60 min
+
+Chain: toy dataset -> label VAE -> tiny base model (image VAE + text encoder) -> image-only
+UNet pretraining (stands in for Stable Diffusion's pretraining) -> widen + joint training ->
+generation -> mask optimization -> DiffuMask on the same base model -> one mmseg segmenter per
+training set (real, JoDiffusion, JoDiffusion + mask optimization, DiffuMask), all with the same
+number of pairs and the same schedule, evaluated on the real toy val split.
+
+Every stage runs as its own process (the real entry points, exactly as a user runs them), logs
+to ``<output_dir>/logs/<stage>.log`` and leaves ``<output_dir>/stages/<stage>.json`` when it
+finished: an interrupted benchmark rerun with the same command resumes at the first unfinished
+stage. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.config import die, parse_config
+from utils.io import RunDir, atomic_write_json, atomic_write_text, read_jsonl
+
+
+@dataclass
+class ToyBenchmarkConfig:
+    """Run the toy chain end to end and write the report (defaults: the benchmark profile)."""
+
+    output_dir: str = field(default="runs/toy_benchmark", metadata={"help": "everything goes here"})
+    profile: str = field(default="benchmark", metadata={"help": "name printed on the report"})
+    seed: int = field(default=0, metadata={"help": "seed of the toy data and every stage"})
+    # data
+    size: int = field(default=32, metadata={"help": "toy image side (px)"})
+    num_train: int = field(default=4000, metadata={"help": "real training pairs (= generated pairs)"})
+    num_val: int = field(default=500, metadata={"help": "real val pairs (the evaluation set)"})
+    # stages: each takes its YAML profile plus extra flags
+    label_vae_config: str = field(default="configs/label_vae/toy.yaml")
+    label_vae_args: list[str] = field(default_factory=list)
+    base_model_config: str = field(default="configs/toy_base_model/toy_bench.yaml")
+    base_model_args: list[str] = field(default_factory=list)
+    image_unet_config: str = field(default="configs/joint_diffusion/toy_image_bench.yaml")
+    image_unet_args: list[str] = field(default_factory=list)
+    joint_config: str = field(default="configs/joint_diffusion/toy_bench.yaml")
+    joint_args: list[str] = field(default_factory=list)
+    generate_config: str = field(default="configs/generate/toy.yaml")
+    generate_args: list[str] = field(default_factory=list)
+    optim_thresholds: list[int] = field(default_factory=lambda: [20, 50, 100],
+                                        metadata={"help": "mask optimization thresholds (px at reference_size)"})
+    optim_reference_size: int = field(default=128, metadata={
+        "help": "side the thresholds refer to; 128 (not the paper's 512) so they still mean a few px at 32 px"})
+    ablation_thresholds: list[int] = field(default_factory=lambda: [50], metadata={
+        "help": "thresholds whose optimized masks also train a segmenter"})
+    diffumask: bool = field(default=True, metadata={"help": "run the DiffuMask baseline too"})
+    diffumask_config: str = field(default="configs/diffumask/toy.yaml")
+    diffumask_args: list[str] = field(default_factory=list)
+    seg_config: str = field(default="configs/seg/toy_unet_fcn.py")
+    seg_iters: int = field(default=2000, metadata={"help": "segmenter iterations (same for every training set)"})
+    seg_args: list[str] = field(default_factory=list, metadata={"help": "extra --cfg-options k=v"})
+    cpu_threads: int = field(default=2, metadata={"help": "torch threads per stage"})
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+class Chain:
+    """Runs stages as subprocesses, skipping those that already finished."""
+
+    def __init__(self, cfg: ToyBenchmarkConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        self.out = Path(cfg.output_dir)
+        (self.out / "stages").mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def done(self, name: str) -> dict | None:
+        p = self.out / "stages" / f"{name}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def stage(self, name: str, argv: list[str], env: dict | None = None) -> None:
+        prev = self.done(name)
+        if prev is not None:
+            self.times[name] = prev["seconds"]
+            self.run.log(f"[{name}] already done ({prev['seconds']:.0f} s), skipped")
+            return
+        log_path = self.out / "logs" / f"{name}.log"
+        self.run.log(f"[{name}] {' '.join(argv)}  (log: {log_path})")
+        full_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                        OMP_NUM_THREADS=str(self.cfg.cpu_threads), PYTHONUNBUFFERED="1",
+                        **(env or {}))
+        t0 = time.time()
+        with open(log_path, "a") as log:
+            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        seconds = time.time() - t0
+        if proc.returncode != 0:
+            tail = "\n".join(log_path.read_text().splitlines()[-15:])
+            die(f"stage '{name}' failed (exit {proc.returncode}) after {seconds:.0f} s; "
+                f"last lines of {log_path}:\n{tail}\nFix it and rerun the same command to resume.")
+        self.times[name] = seconds
+        atomic_write_json(self.out / "stages" / f"{name}.json", {"seconds": seconds, "argv": argv})
+        self.run.log(f"[{name}] done in {seconds:.0f} s")
+
+    def py(self, module: str, *args) -> list[str]:
+        return [sys.executable, "-m", module, *[str(a) for a in args]]
+
+
+def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
+    ch = Chain(cfg, run)
+    out = ch.out
+    toy = out / "data" / "toy"
+    paths = dict(
+        toy=toy,
+        label_vae_run=out / "label_vae",
+        base_model=out / "base_model",
+        image_unet_run=out / "image_unet",
+        jodiffusion_init=out / "jodiffusion_init",
+        joint_run=out / "joint",
+        gen=out / "synthetic" / "jodiffusion",
+        diffumask=out / "synthetic" / "diffumask",
+        seg=out / "segmenters",
+    )
+
+    ch.stage("toy_data", ch.py("utils.make_toy_dataset", "--out", toy, "--size", cfg.size,
+                               "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed))
+    ch.stage("label_vae", ch.py("train.label_vae", "--config", cfg.label_vae_config, "--dataset", "toy",
+                                "--data_root", toy, "--output_dir", paths["label_vae_run"],
+                                "--seed", cfg.seed, *cfg.label_vae_args))
+    ch.stage("base_model", ch.py("train.toy_base_model", "--config", cfg.base_model_config,
+                                 "--data_root", toy, "--output_dir", paths["base_model"],
+                                 "--seed", cfg.seed, *cfg.base_model_args))
+    ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
+                                 "--dataset", "toy", "--data_root", toy,
+                                 "--pretrained_model", paths["base_model"],
+                                 "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
+                                 *cfg.image_unet_args))
+    pretrained = paths["image_unet_run"] / "pipeline"  # the base model with the pretrained UNet
+    ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
+                                       "--label_vae", paths["label_vae_run"] / "label_vae",
+                                       "--output_dir", paths["jodiffusion_init"]))
+    ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
+                            "--dataset", "toy", "--data_root", toy,
+                            "--pretrained_model", paths["jodiffusion_init"],
+                            "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
+    jod_pipeline = paths["joint_run"] / "pipeline"
+    ch.stage("generate", ch.py("inference.generate", "--config", cfg.generate_config,
+                               "--pipeline", jod_pipeline, "--dataset", "toy", "--data_root", toy,
+                               "--num_pairs", cfg.num_train, "--output_dir", paths["gen"],
+                               "--seed", cfg.seed, "--cpu_threads", cfg.cpu_threads, *cfg.generate_args))
+    ch.stage("optimize_masks", ch.py("inference.optimize_masks", "--input", paths["gen"],
+                                     "--thresholds", *cfg.optim_thresholds,
+                                     "--reference_size", cfg.optim_reference_size))
+    if cfg.diffumask:
+        ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
+                                    "--base_model", pretrained, "--output_dir", paths["diffumask"],
+                                    "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
+
+    # segmenters: same config, same iterations, same number of pairs; only the training set differs
+    train_sets = {"real": toy, "jodiffusion": paths["gen"]}
+    for t in cfg.ablation_thresholds:
+        train_sets[f"jodiffusion_optim{t}"] = Path(f"{paths['gen']}_optim{t}")
+    if cfg.diffumask:
+        train_sets["diffumask"] = paths["diffumask"]
+    for name, root in train_sets.items():
+        source = "real" if name == "real" else "synthetic"
+        opts = [f"train_cfg.max_iters={cfg.seg_iters}", f"randomness.seed={cfg.seed}",
+                f"train_dataloader.dataset.data_root={root}", f"train_dataloader.dataset.source={source}",
+                f"val_dataloader.dataset.data_root={toy}", f"test_dataloader.dataset.data_root={toy}",
+                *cfg.seg_args]
+        ch.stage(f"seg_{name}", ch.py("train.segmenter", cfg.seg_config,
+                                      "--work-dir", paths["seg"] / name, "--cfg-options", *opts))
+    return dict(paths=paths, train_sets=train_sets, times=ch.times)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _toy_info(root=None):
+    from dataset import get_dataset_info
+
+    return get_dataset_info("toy", data_root=root)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def prompt_mask_agreement(gen_dir: Path) -> dict:
+    """Share of pairs whose mask holds exactly the classes its prompt names (background and
+    ignore aside), plus how often each way it fails."""
+    from dataset.toy_shapes import caption_labels
+
+    rows = read_jsonl(gen_dir / "manifest.jsonl")
+    exact = missing = extra = 0
+    for r in rows:
+        named = set(caption_labels(r["prompt"]))
+        mask = _read_mask(gen_dir / "ann_dir" / "train" / f"{r['name']}.png")
+        present = {int(v) for v in np.unique(mask) if 0 < v < 255}
+        exact += present == named
+        missing += bool(named - present)
+        extra += bool(present - named)
+    n = max(len(rows), 1)
+    return {"pairs": len(rows), "agreement": exact / n, "missing_a_named_class": missing / n,
+            "has_an_unnamed_class": extra / n}
+
+
+def _last_checkpoint(work_dir: Path) -> Path:
+    marker = work_dir / "last_checkpoint"
+    if marker.exists():
+        return Path(marker.read_text().strip())
+    ckpts = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint in {work_dir}")
+    return ckpts[-1]
+
+
+def image_mask_consistency(gen_dir: Path, seg_config: str, seg_work_dir: Path, max_pairs: int = 1000) -> dict:
+    """mIoU between generated masks and the real-trained segmenter's prediction on the generated
+    images: does the mask describe what the image shows?"""
+    from PIL import Image
+
+    from models.segmenter import predict
+    from utils.metrics import IoUAccumulator
+
+    info = _toy_info()
+    names = [r["name"] for r in read_jsonl(gen_dir / "manifest.jsonl")][:max_pairs]
+    img_dir = gen_dir / "img_dir" / "train"
+    images = []
+    for n in names:
+        p = next(img_dir.glob(f"{n}.*"))
+        images.append(np.asarray(Image.open(p).convert("RGB")))
+    preds = predict(seg_config, _last_checkpoint(seg_work_dir), images)
+    acc = IoUAccumulator(info.num_labels, info.ignore_index)
+    for n, pred in zip(names, preds):
+        acc.update(pred, _read_mask(gen_dir / "ann_dir" / "train" / f"{n}.png"))
+    r = acc.result()
+    return {"pairs": len(names), "mIoU": r["mIoU"], "per_class_IoU": r["per_class_IoU"]}
+
+
+def _seg_result(work_dir: Path) -> dict:
+    p = work_dir / "final_metrics.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    # train.segmenter's runner validates at max_iters; the metric is in the scalars log
+    scalars = sorted(work_dir.glob("*/vis_data/scalars.json"))
+    rows = [r for s in scalars for r in read_jsonl(s) if "mIoU" in r]
+    if not rows:
+        raise FileNotFoundError(f"no evaluation result in {work_dir}")
+    last = rows[-1]
+    return {"mIoU": last["mIoU"] / 100.0 if last["mIoU"] > 1 else last["mIoU"]}
+
+
+def _loss_curves(res: dict, pics: Path) -> dict[str, str]:
+    from utils.visualize import plot_curves
+
+    p = res["paths"]
+    sources = {
+        "label_vae": (p["label_vae_run"] / "metrics.jsonl", ("loss",), "step"),
+        "base_model (image VAE)": (p["base_model"] / "metrics.jsonl", ("loss",), "step"),
+        "image_unet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step"),
+        "joint": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step"),
+    }
+    for name in res["train_sets"]:
+        for s in sorted((p["seg"] / name).glob("*/vis_data/scalars.json"))[-1:]:
+            sources[f"segmenter ({name})"] = (s, ("loss",), "iter")
+    out = {}
+    for title, (path, keys, x) in sources.items():
+        if not Path(path).exists():
+            continue
+        png = pics / f"loss_{title.split(' ')[0]}{'_' + title.split('(')[1][:-1] if '(' in title and title.startswith('segmenter') else ''}.png"
+        if plot_curves(path, png, keys=keys, x_key=x, title=title, smooth=5 if x == "step" else 1):
+            out[title] = png.name
+    return out
+
+
+def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
+    out = Path(cfg.output_dir)
+    pics = out / "report_files"
+    pics.mkdir(exist_ok=True)
+    info = _toy_info()
+    p = res["paths"]
+    seg = {name: _seg_result(p["seg"] / name) for name in res["train_sets"]}
+    real = seg["real"]["mIoU"]
+    rows = {}
+    for name, r in seg.items():
+        rows[name] = {"mIoU": r["mIoU"], "ratio_to_real": r["mIoU"] / real if real else float("nan"),
+                      "per_class_IoU": r.get("per_class_IoU")}
+    report: dict = {
+        "profile": cfg.profile,
+        "toy_figures_note": "Toy figures from the built-in shapes dataset on a 2-core CPU; not the paper's numbers.",
+        "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
+                     "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed},
+        "segmentation": rows,
+        "prompt_mask_agreement": {"jodiffusion": prompt_mask_agreement(p["gen"])},
+        "image_mask_consistency": {},
+        "mask_optimization": {},
+        "stage_seconds": res["times"],
+    }
+    seg_real_dir = p["seg"] / "real"
+    report["image_mask_consistency"]["jodiffusion"] = image_mask_consistency(p["gen"], cfg.seg_config, seg_real_dir)
+    for t in cfg.optim_thresholds:
+        d = Path(f"{p['gen']}_optim{t}")
+        stats_file = d / "mask_optimization.json"
+        entry = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        entry["prompt_mask_agreement"] = prompt_mask_agreement(d)["agreement"]
+        if f"jodiffusion_optim{t}" in rows:
+            entry["segmenter_mIoU"] = rows[f"jodiffusion_optim{t}"]["mIoU"]
+        report["mask_optimization"][f"threshold_{t}"] = entry
+    gen_summary = json.loads((p["gen"] / "dataset.json").read_text()) if (p["gen"] / "dataset.json").exists() else {}
+    report["generation"] = {"jodiffusion": {"seconds": res["times"].get("generate"),
+                                            "pairs_per_s": cfg.num_train / res["times"]["generate"]
+                                            if res["times"].get("generate") else None,
+                                            "settings": gen_summary.get("settings")}}
+    if cfg.diffumask:
+        report["prompt_mask_agreement"]["diffumask"] = prompt_mask_agreement(p["diffumask"])
+        report["image_mask_consistency"]["diffumask"] = image_mask_consistency(p["diffumask"], cfg.seg_config, seg_real_dir)
+        summ = p["diffumask"] / "summary.json"
+        dm = json.loads(summ.read_text()) if summ.exists() else {}
+        report["generation"]["diffumask"] = {
+            "seconds": res["times"].get("diffumask"),
+            "pairs_per_s": dm.get("pairs_per_s") or (dm.get("num_pairs", 0) / res["times"]["diffumask"]
+                                                     if res["times"].get("diffumask") else None)}
+
+    # pictures: real pairs, generated pairs (raw and optimized), DiffuMask pairs, loss curves
+    for src, name in [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png"),
+                      (p["diffumask"] / "preview.png", "diffumask_pairs.png")]:
+        if Path(src).exists():
+            shutil.copyfile(src, pics / name)
+    report["pictures"] = sorted(x.name for x in pics.glob("*_pairs.png"))
+    report["loss_curves"] = _loss_curves(res, pics)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report, info))
+    return report
+
+
+def _fmt(x, pct=False):
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def render_markdown(r: dict, info) -> str:
+    s = r["settings"]
+    lines = [
+        f"# Toy benchmark report ({r['profile']} profile)",
+        "",
+        f"> {r['toy_figures_note']}" + (" These are what the 15-minute demo buys, not converged figures."
+                                        if r["profile"] == "demo" else ""),
+        "",
+        f"{s['num_train_pairs']} training pairs per set, {s['size']} px; segmenter `{s['segmenter']}`, "
+        f"{s['segmenter_iters']} iterations for every training set; evaluated on {s['num_val']} real toy val pairs.",
+        "",
+        "## Segmentation on the real val split",
+        "",
+        "| training set | mIoU | ratio to real | " + " | ".join(info.seg_classes) + " |",
+        "|---|---|---|" + "---|" * len(info.seg_classes),
+    ]
+    for name, row in r["segmentation"].items():
+        pcs = row.get("per_class_IoU") or {}
+        vals = [pcs.get(c) if isinstance(pcs, dict) else None for c in info.seg_classes]
+        lines.append(f"| {name} | {_fmt(row['mIoU'])} | {_fmt(row['ratio_to_real'])} | "
+                     + " | ".join(_fmt(v) for v in vals) + " |")
+    lines += ["", "## Generated data", "",
+              "| generator | prompt-mask agreement | image-mask consistency (mIoU) | pairs/s |", "|---|---|---|---|"]
+    for g in r["prompt_mask_agreement"]:
+        lines.append(f"| {g} | {_fmt(r['prompt_mask_agreement'][g]['agreement'])} | "
+                     f"{_fmt(r['image_mask_consistency'][g]['mIoU'])} | "
+                     f"{_fmt(r['generation'].get(g, {}).get('pairs_per_s'))} |")
+    lines += ["", "Prompt-mask agreement: share of pairs whose mask holds exactly the classes the prompt names. "
+              "Image-mask consistency: mIoU between the generated mask and the real-trained segmenter's "
+              "prediction on the generated image.", "", "## Mask optimization (JoDiffusion pairs)", "",
+              "| threshold (px at reference size) | pixels changed | components changed | prompt-mask agreement | segmenter mIoU |",
+              "|---|---|---|---|---|"]
+    for k, v in r["mask_optimization"].items():
+        lines.append(f"| {k.split('_')[1]} | {v.get('pixels_changed', '-')} | {v.get('components_changed', '-')} | "
+                     f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('segmenter_mIoU'))} |")
+    lines += ["", "## Pictures", ""]
+    for pic in r["pictures"]:
+        lines.append(f"![{pic}](report_files/{pic})")
+    lines += ["", "## Loss curves", ""]
+    for title, png in r["loss_curves"].items():
+        lines.append(f"![{title}](report_files/{png})")
+    lines += ["", "## Stage wall time (s)", "", "| stage | seconds |", "|---|---|"]
+    for k, v in r["stage_seconds"].items():
+        lines.append(f"| {k} | {v:.0f} |")
+    lines.append(f"| total | {sum(r['stage_seconds'].values()):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(ToyBenchmarkConfig, argv, description=__doc__)
+    run = RunDir(cfg.output_dir)
+    run.save_config(cfg)
+    t0 = time.time()
+    res = run_chain(cfg, run)
+    report = write_report(cfg, res, run)
+    run.log(f"toy benchmark ({cfg.profile}) finished; chain {sum(res['times'].values()):.0f} s, "
+            f"this call {time.time() - t0:.0f} s")
+    seg = report["segmentation"]
+    run.log("mIoU on real toy val: " + ", ".join(f"{k} {v['mIoU']:.3f}" for k, v in seg.items()))
+    run.log(f"report: {Path(cfg.output_dir) / 'report.md'} (+ report.json, report_files/)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the built-in toy default: toy dataset -> label VAE -> tiny base model ->
+# joint diffusion -> generation -> mask optimization -> DiffuMask baseline -> mmseg segmenters,
+# and a report. CPU, about 15 minutes on 2 cores (plus the one-time install: ~15 min).
+# Rerun to resume an interrupted run; extra flags go to bench.toy_benchmark (e.g. --output_dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m bench.toy_benchmark --config configs/toy_benchmark/demo.yaml "$@"

@@ -1,0 +1,138 @@
+"""Stage 2 end to end on a tiny toy world: base model -> image pretraining -> init -> joint training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dataset.toy_shapes import write_toy_dataset
+from models.label_vae import LabelVAE
+from utils.io import read_jsonl
+
+SIZE = 16  # 16 px images, factor-4 VAEs -> 4x4 latents
+TINY_BASE = ["--resolution", str(SIZE), "--vae_channels", "8", "16", "16", "--unet_channels", "16", "32",
+             "--text_hidden", "16", "--text_layers", "1", "--max_length", "16", "--train_batch_size", "8",
+             "--max_train_steps", "3", "--logging_steps", "1"]
+CPU_FAST = ["--resolution", str(SIZE), "--mixed_precision", "no", "--use_8bit_adam", "false",
+            "--gradient_checkpointing", "false", "--dataloader_num_workers", "0", "--validation_inference_steps", "2",
+            "--dataset", "toy"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 48-image toy dataset, a tiny base model (3 VAE steps) and a tiny label VAE (factor 4)."""
+    from train import toy_base_model
+
+    root = tmp_path_factory.mktemp("joint")
+    write_toy_dataset(root / "toy", SIZE, 48, 4, seed=0, progress=False)
+    toy_base_model.main(["--data_root", str(root / "toy"), "--output_dir", str(root / "base")] + TINY_BASE)
+    torch.manual_seed(0)
+    LabelVAE(num_labels=6, encoder_channels=(8, 8, 8), decoder_channels=(8, 8, 8),
+             norm_num_groups=8).save_pretrained(root / "label_vae")
+    return root
+
+
+def test_base_model_folder_is_a_stable_diffusion_folder(world):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(world / "base", safety_checker=None)
+    sf = pipe.vae.config.scaling_factor
+    assert sf != 0.18215 and 0.05 < sf < 20  # measured from the latents, not the SD default
+    caption = next(iter(json.loads((world / "toy" / "captions" / "train.json").read_text()).values()))
+    ids = pipe.tokenizer(caption).input_ids
+    assert len(ids) == 2 + len(caption.split())  # every caption word is one token
+    assert (world / "base" / "vae_reconstructions.png").is_file()
+
+
+def test_init_step_writes_a_loadable_jodiffusion_folder(world):
+    from diffusers import UNet2DConditionModel
+
+    from inference import jodiffusion
+    from models.pipeline_jodiffusion import JoDiffusionPipeline
+
+    jodiffusion.main(["--base_model", str(world / "base"), "--label_vae", str(world / "label_vae"),
+                      "--output_dir", str(world / "init")])
+    pipe = JoDiffusionPipeline.from_pretrained(world / "init")
+    assert pipe.unet.config.in_channels == 8 and pipe.unet.config.out_channels == 8
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    base = UNet2DConditionModel.from_pretrained(world / "base", subfolder="unet").eval()
+    x, t, text = torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), torch.randn(2, 16, 16)
+    with torch.no_grad():
+        joint = pipe.unet.eval()(torch.cat([x, torch.randn(2, 4, 4, 4)], 1), t, text).sample
+        assert (joint[:, :4] - base(x, t, text).sample).abs().max() <= 1e-5
+    out = pipe(["a red circle on a striped background"], num_inference_steps=2, output_type="np",
+               generator=[torch.Generator().manual_seed(0)])
+    assert out.images.shape == (1, SIZE, SIZE, 3) and out.masks.shape == (1, SIZE, SIZE)
+
+
+def test_image_mode_pretrains_a_plain_sd_unet(world):
+    from diffusers import StableDiffusionPipeline
+
+    from train import joint_diffusion
+
+    out = world / "image"
+    joint_diffusion.main(CPU_FAST + ["--mode", "image", "--data_root", str(world / "toy"), "--pretrained_model",
+                                     str(world / "base"), "--output_dir", str(out), "--train_batch_size", "8",
+                                     "--max_train_steps", "2", "--logging_steps", "1", "--num_validation_images", "1"])
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
+    assert pipe.unet.config.in_channels == 4
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and "label_loss" not in rows[0]
+    assert (out / "validation" / "step-2.png").is_file()
+
+
+def test_tiny_joint_training_lowers_the_loss(world):
+    from models.pipeline_jodiffusion import JoDiffusionPipeline
+    from train import joint_diffusion
+
+    out = world / "joint"
+    joint_diffusion.main(CPU_FAST + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                                     "--label_vae", str(world / "label_vae"), "--output_dir", str(out),
+                                     "--train_batch_size", "8", "--learning_rate", "2e-3", "--max_train_steps", "40",
+                                     "--logging_steps", "1", "--checkpointing_steps", "0", "--num_validation_images", "2"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 40 and all(np.isfinite([r["loss"], r["image_loss"], r["label_loss"]]).all() for r in rows)
+    first, last = np.mean([r["loss"] for r in rows[:8]]), np.mean([r["loss"] for r in rows[-8:]])
+    assert last < 0.9 * first, (first, last)
+    assert (out / "validation" / "step-40.png").is_file() and (out / "config.yaml").is_file()
+    pipe = JoDiffusionPipeline.from_pretrained(out / "pipeline")
+    res = pipe(["a green square on a noisy background"], num_inference_steps=2, output_type="np",
+               generator=[torch.Generator().manual_seed(1)])
+    assert res.images.dtype == np.uint8 and res.masks.shape == (1, SIZE, SIZE)
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(world):
+    from train import joint_diffusion
+
+    common = CPU_FAST + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "init"),
+                         "--train_batch_size", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+                         "--cache_latents", "--cache_dir", str(world / "cache"), "--use_ema",
+                         "--ema_decay", "0.9", "--checkpointing_steps", "2", "--num_validation_images", "0"]
+    whole = world / "whole"
+    joint_diffusion.main(common + ["--output_dir", str(whole), "--max_train_steps", "4"])
+    assert len(list((world / "cache").glob("shard-*.safetensors"))) == 1
+    split = world / "split"
+    joint_diffusion.main(common + ["--output_dir", str(split), "--max_train_steps", "2"])  # "stopped" at step 2
+    assert (split / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (split / "checkpoint-2" / "unet_ema").is_dir()
+    joint_diffusion.main(common + ["--output_dir", str(split), "--max_train_steps", "4",
+                                   "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1"])
+    assert "resumed from" in (split / "log.txt").read_text()
+    assert sorted(p.name for p in split.glob("checkpoint-*")) == ["checkpoint-4"]
+    for sub in ("pipeline/unet", "checkpoint-4/unet"):  # exported EMA weights and the raw training weights
+        a = load_file(whole / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(split / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, sub
+    start = load_file(world / "init" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # it did train
+
+
+def test_8bit_adam_on_cpu_is_a_clear_error(world, capsys):
+    from train import joint_diffusion
+
+    with pytest.raises(SystemExit) as e:
+        joint_diffusion.main(["--pretrained_model", str(world / "init"), "--output_dir", str(world / "x")])
+    assert e.value.code == 2 and "use_8bit_adam" in capsys.readouterr().err
