@@ -240,16 +240,12 @@ def _iou_metric(runner):
                      "for per-class results")
 
 
-def train_and_evaluate(config_path: str | Path, work_dir: str | Path,
-                       cfg_options: dict | None = None) -> dict:
-    """Train with the config, evaluate the final model on its val set.
+def train_runner(runner: TrustedRunner) -> dict:
+    """Train, evaluate the final model on the val set, write ``work_dir/final_metrics.json``.
 
     Returns ``{"mIoU": float, "per_class_IoU": {class: float|None}, "aAcc": float,
-    "iters": int}``, IoU as fractions in [0, 1] (mmseg logs percent); also written to
-    ``work_dir/final_metrics.json``.
+    "iters": int}``, IoU as fractions in [0, 1] (mmseg logs percent).
     """
-    cfg = load_seg_config(config_path, cfg_options, work_dir)
-    runner = build_runner(cfg)
     runner.train()
     metric = _iou_metric(runner)
     if metric.last_result is None:  # IterBasedTrainLoop validates at max_iters; epoch loops may not
@@ -257,8 +253,14 @@ def train_and_evaluate(config_path: str | Path, work_dir: str | Path,
     out = dict(metric.last_result)
     out["iters"] = int(runner.iter)
     if is_main_process():
-        atomic_write_json(Path(cfg.work_dir) / "final_metrics.json", out)
+        atomic_write_json(Path(runner.work_dir) / "final_metrics.json", out)
     return out
+
+
+def train_and_evaluate(config_path: str | Path, work_dir: str | Path,
+                       cfg_options: dict | None = None) -> dict:
+    """Build the runner of an mmseg config and ``train_runner`` it (in-process API)."""
+    return train_runner(build_runner(load_seg_config(config_path, cfg_options, work_dir)))
 
 
 def _to_annotation_space(pred: np.ndarray, reduce_zero_label: bool) -> np.ndarray:

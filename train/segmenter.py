@@ -52,7 +52,7 @@ def main(argv=None) -> dict | None:
         die("--eval-only needs --checkpoint FILE")
 
     from models.segmenter import (UntrustedCheckpointError, build_runner, load_seg_config,
-                                  verify_checkpoint)
+                                  train_runner, verify_checkpoint)
 
     try:
         cfg = load_seg_config(args.config, args.cfg_options, args.work_dir)
@@ -75,8 +75,7 @@ def main(argv=None) -> dict | None:
     try:
         if args.eval_only:
             return runner.test()
-        runner.train()
-        return None
+        return train_runner(runner)  # also writes <work-dir>/final_metrics.json
     except UntrustedCheckpointError as e:
         die(str(e))
 

@@ -27,7 +27,7 @@ real_val = dict(type=dataset_type, dataset_name=dataset_name, source="real", spl
                 data_root=toy_root, pipeline=test_pipeline)
 # tiny images: worker processes would cost more than they save on a few CPU cores
 train_dataloader = dict(
-    batch_size=16,
+    batch_size=32,
     num_workers=0,
     persistent_workers=False,
     sampler=dict(type="InfiniteSampler", shuffle=True),

@@ -1,10 +1,11 @@
-# Toy schedule (the benchmark profile): AdamW + poly decay, 2000 iterations of batch 16.
-# Demo profile: --cfg-options train_cfg.max_iters=300 (the LR schedule end follows max_iters
+# Toy schedule (the benchmark profile): AdamW + poly decay, 3000 iterations of batch 32
+# (measured: 0.90 mIoU on the real toy val split, ~0.07 s/iteration on a quiet 2-core CPU).
+# Demo profile: --cfg-options train_cfg.max_iters=1500 (the LR schedule end follows max_iters
 # when run through train/segmenter.py).
-max_iters = 2000
+max_iters = 3000
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=0.002, betas=(0.9, 0.999), weight_decay=0.0001),
+    optimizer=dict(type="AdamW", lr=0.003, betas=(0.9, 0.999), weight_decay=0.0001),
     clip_grad=None,
 )
 param_scheduler = [
