@@ -32,20 +32,16 @@ class InitConfig:
 
 
 def main(argv=None) -> None:
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DPMSolverMultistepScheduler
 
     from models.joint_unet import widen_unet_for_labels
     from models.label_vae import encode_masks, load_label_vae
-    from models.pipeline_jodiffusion import JoDiffusionPipeline
+    from models.pipeline_jodiffusion import JoDiffusionPipeline, load_sd_components
 
     cfg = parse_config(InitConfig, argv, description=__doc__)
     src = cfg.base_model
     try:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        vae, text_encoder, tokenizer, unet = load_sd_components(src).values()
         base_scheduler_config = DPMSolverMultistepScheduler.load_config(src, subfolder="scheduler")
     except (OSError, ValueError) as e:
         die(f"{src}: cannot load the base model ({e})")

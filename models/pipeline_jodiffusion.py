@@ -56,6 +56,21 @@ class JoDiffusionPipelineOutput(BaseOutput):
     confidence: np.ndarray | torch.Tensor | None
 
 
+def load_sd_components(source: str) -> dict:
+    """The base model's ``vae``, ``text_encoder``, ``tokenizer`` and ``unet`` from a Stable
+    Diffusion folder or hub id (the same subfolders a JoDiffusion folder has). Raises OSError /
+    ValueError when a part is missing or unreadable."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return dict(
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+    )
+
+
 def default_scheduler_config() -> dict:
     """DPM-Solver++ (multistep, order 2), the authors' sampler, on SD's training schedule."""
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -299,17 +299,14 @@ class LatentBatches:
 
 def load_models(cfg: JointDiffusionConfig):
     """Base components from ``pretrained_model``; the UNet widened here when it is not yet joint."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
     from models.label_vae import load_label_vae
+    from models.pipeline_jodiffusion import load_sd_components
 
     src = cfg.pretrained_model
     try:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        vae, text_encoder, tokenizer, unet = load_sd_components(src).values()
         # the training schedule is the base model's (scaled_linear for SD), sampled with DDPM's add_noise
         noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
     except (OSError, ValueError) as e:
