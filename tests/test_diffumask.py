@@ -55,6 +55,24 @@ def test_capture_shapes_normalisation_and_restore(tiny_pipe):
     assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
 
 
+def test_minmax_normalisation_is_an_affine_rescale_of_the_max_maps(tiny_pipe):
+    prompts, words = ["a red circle and a blue square"], [["circle", "square"]]
+    plain = _run(tiny_pipe, prompts, words).maps()
+    store = AttentionStore(token_weights(tiny_pipe.tokenizer, prompts, words), (32, 32),
+                           normalization="minmax")
+    with capture_cross_attention(tiny_pipe.unet, store):
+        tiny_pipe(prompts, num_inference_steps=3, guidance_scale=7.0, height=32, width=32, output_type="np",
+                  generator=[torch.Generator().manual_seed(0)])
+    mm = store.maps()
+    # every class map spans exactly [0, 1], and it is the max-normalised map rescaled
+    assert torch.allclose(mm[0].amin(dim=(1, 2)), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(mm[0].amax(dim=(1, 2)), torch.ones(2))
+    lo = plain[0].amin(dim=(1, 2), keepdim=True)
+    assert torch.allclose(mm[0], (plain[0] - lo) / (1 - lo), atol=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        AttentionStore(token_weights(tiny_pipe.tokenizer, prompts, words), (32, 32), normalization="l2")
+
+
 def test_capture_without_guidance_and_step_selection(tiny_pipe):
     store = _run(tiny_pipe, ["a red circle"], [["circle"]], resolutions=(8,), steps=[1], guidance=1.0)
     assert store.num_steps_recorded == 1 and store.maps().shape == (1, 1, 32, 32)

@@ -70,7 +70,14 @@ class AttentionStore:
     """
 
     def __init__(self, token_weights: torch.Tensor, image_size: tuple[int, int],
-                 resolutions: Sequence[int] = (), steps: Sequence[int] | None = None):
+                 resolutions: Sequence[int] = (), steps: Sequence[int] | None = None,
+                 normalization: str = "max"):
+        if normalization not in ("max", "minmax"):
+            raise ValueError(f"normalization must be 'max' or 'minmax', not {normalization!r}")
+        # "max" is DiffuMask's (each map / its max). "minmax" also subtracts the map's minimum:
+        # for a model whose class-token attention sits on a high floor everywhere (the tiny toy
+        # model: min ~0.6 of max), x / max leaves every pixel above every gamma in 0.35-0.55.
+        self.normalization = normalization
         self.weights = token_weights.float()
         self.batch_size = token_weights.shape[0]
         self.image_size = tuple(image_size)
@@ -129,7 +136,7 @@ class AttentionStore:
         self._step_counts.clear()
 
     def maps(self) -> torch.Tensor:
-        """(B, C, H, W) float32 on CPU, each class map divided by its max (values in [0, 1])."""
+        """(B, C, H, W) float32 on CPU, each class map scaled to max 1 (``normalization``), in [0, 1]."""
         missing = [r for r in self.resolutions if r not in self.seen_resolutions]
         if missing:
             raise ValueError(f"attention resolution(s) {missing} do not exist in this UNet; "
@@ -137,6 +144,8 @@ class AttentionStore:
         if self._total is None:
             raise ValueError("no cross-attention was recorded (check the steps/resolutions settings)")
         m = self._total / self.num_steps_recorded
+        if self.normalization == "minmax":
+            m = m - m.amin(dim=(2, 3), keepdim=True)
         m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         return m.clamp(0, 1).cpu()
 

@@ -48,6 +48,8 @@ class DiffuMaskConfig:
                                              metadata={"help": "latent-grid sides to average; empty = all"})
     attention_steps: list[int] = field(default_factory=list,
                                        metadata={"help": "step indices to average (0-based); empty = all"})
+    map_normalization: str = field(default="max", metadata={
+        "help": "final per-class map scaling: 'max' (DiffuMask: x / max) or 'minmax' ((x - min) / (max - min))"})
     gammas: list[float] = field(default_factory=lambda: [0.35, 0.4, 0.45, 0.5, 0.55],
                                 metadata={"help": "threshold grid; one value = fixed threshold"})
     refine: str = field(default="crf", metadata={"help": "'crf' (dense CRF) or 'none' (threshold only)"})
@@ -71,6 +73,8 @@ class DiffuMaskConfig:
 def _check(cfg: DiffuMaskConfig) -> None:
     if cfg.refine not in ("crf", "none"):
         raise ValueError(f"refine must be 'crf' or 'none', got {cfg.refine!r}")
+    if cfg.map_normalization not in ("max", "minmax"):
+        raise ValueError(f"map_normalization must be 'max' or 'minmax', got {cfg.map_normalization!r}")
     if cfg.affinity not in ("learned", "colour"):
         raise ValueError(f"affinity must be 'learned' or 'colour', got {cfg.affinity!r}")
     if not cfg.gammas or any(not 0 < g < 1 for g in cfg.gammas):
@@ -98,7 +102,7 @@ def generate_with_maps(pipe, prompts, words, seeds, cfg: DiffuMaskConfig):
 
     weights = token_weights(pipe.tokenizer, prompts, words)
     store = AttentionStore(weights, (cfg.resolution, cfg.resolution), cfg.attention_resolutions,
-                           cfg.attention_steps or None)
+                           cfg.attention_steps or None, normalization=cfg.map_normalization)
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with capture_cross_attention(pipe.unet, store):
         out = pipe(list(prompts), num_inference_steps=cfg.num_inference_steps,
