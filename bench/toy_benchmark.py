@@ -331,6 +331,8 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
     report["loss_curves"] = _loss_curves(res, pics)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, info))
+    # the tracked copy of the figures (runs/ is not in git): bench/results/toy_benchmark_<profile>.json
+    atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
     return report
 
 
