@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: installs what it needs into .venv (created if missing), then runs pytest.
 # CPU, ~15 min on a fresh machine (install) + the suite. Extra arguments go to pytest, e.g.
-#   bash scripts/test.sh -m slow          # the slow tests only
 #   bash scripts/test.sh tests/test_dataset.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,7 +14,7 @@ from models.diffumask.attention import (AttentionStore, ClassWordError, capture_
                                         token_weights)
 from models.diffumask.masks import dense_crf, extract_mask, foreground_iou, threshold_mask
 from models.diffumask.mosaic import make_mosaic
-from models.diffumask.noise import keep_best, kfold_agreement, make_small_segmenter
+from models.diffumask.noise import keep_best
 from models.diffumask.prompts import PromptPlan
 
 WORDS = ["a", "photo", "of", "red", "blue", "green", "circle", "square", "triangle", "ring", "star"]
