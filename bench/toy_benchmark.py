@@ -197,11 +197,13 @@ def _read_mask(path: Path) -> np.ndarray:
 
 def prompt_mask_agreement(gen_dir: Path) -> dict:
     """Share of pairs whose mask holds exactly the classes its prompt names (background and
-    ignore aside), plus how often each way it fails."""
+    ignore aside), how often each way it fails, and the share per number of named classes
+    (one-shape prompts vs compositions)."""
     from dataset.toy_shapes import caption_labels
 
     rows = read_jsonl(gen_dir / "manifest.jsonl")
     exact = missing = extra = 0
+    by_count: dict[int, list[int]] = {}
     for r in rows:
         named = set(caption_labels(r["prompt"]))
         mask = _read_mask(gen_dir / "ann_dir" / "train" / f"{r['name']}.png")
@@ -209,9 +211,13 @@ def prompt_mask_agreement(gen_dir: Path) -> dict:
         exact += present == named
         missing += bool(named - present)
         extra += bool(present - named)
+        tally = by_count.setdefault(len(named), [0, 0])
+        tally[0] += present == named
+        tally[1] += 1
     n = max(len(rows), 1)
     return {"pairs": len(rows), "agreement": exact / n, "missing_a_named_class": missing / n,
-            "has_an_unnamed_class": extra / n}
+            "has_an_unnamed_class": extra / n,
+            "by_named_classes": {str(k): {"pairs": v[1], "agreement": v[0] / v[1]} for k, v in sorted(by_count.items())}}
 
 
 def _last_checkpoint(work_dir: Path) -> Path:
@@ -374,6 +380,11 @@ def render_markdown(r: dict, info) -> str:
         lines.append(f"| {g} | {_fmt(r['prompt_mask_agreement'][g]['agreement'])} | "
                      f"{_fmt(r['image_mask_consistency'][g]['mIoU'])} | "
                      f"{_fmt(r['generation'].get(g, {}).get('pairs_per_s'))} |")
+    for g, a in r["prompt_mask_agreement"].items():
+        parts = [f"{k} named class{'es' if k != '1' else ''}: {_fmt(v['agreement'])} ({v['pairs']} pairs)"
+                 for k, v in (a.get("by_named_classes") or {}).items()]
+        if parts:
+            lines.append(f"\n{g} agreement by prompt: " + "; ".join(parts) + ".")
     lines += ["", "Prompt-mask agreement: share of pairs whose mask holds exactly the classes the prompt names. "
               "Image-mask consistency: mIoU between the generated mask and the real-trained segmenter's "
               "prediction on the generated image.", "", "## Mask optimization (JoDiffusion pairs)", "",

@@ -90,7 +90,7 @@ class LabelVAE(ModelMixin, ConfigMixin):
     ``encoder_channels = (c0, c1, ..., cn)``: a stem conv to c0, then n stages (conv3x3 to c_i,
     stride-2 conv3x3, SiLU), so the latent is at 1/2**n resolution. ``decoder_channels`` has the
     same length: a conv from the latent to d0, then n x (ConvTranspose k2 s2, channel LayerNorm,
-    SiLU). The toy profile uses two stages (32 px masks -> 8 x 8 latents).
+    SiLU). The toy profile uses one stage (32 px masks -> 16 x 16 latents).
     """
 
     @register_to_config

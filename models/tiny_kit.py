@@ -92,6 +92,9 @@ class TinySDSpec:
     sample_size: int = 8  # latent side
     unet_channels: Sequence[int] = (32, 64)
     unet_layers_per_block: int = 1
+    # cross-attention per UNet level (None: every level but the deepest, as in SD). A toy UNet on
+    # 16x16 latents is 2-3x cheaper with the full-resolution level attention-free.
+    unet_attention: Sequence[bool] | None = None
     attention_head_dim: int = 8
     vae_channels: Sequence[int] = (32, 64, 64)  # len-1 downsamplings: (32,64,64) -> factor 4
     vae_layers_per_block: int = 1
@@ -112,14 +115,17 @@ def tiny_components(words: Iterable[str], spec: TinySDSpec | None = None, seed: 
     tokenizer = build_tokenizer(words, max_length=spec.max_length)
     torch.manual_seed(seed)
     n = len(spec.unet_channels)
+    attn = list(spec.unet_attention) if spec.unet_attention is not None else [True] * (n - 1) + [False]
+    if len(attn) != n:
+        raise ValueError(f"unet_attention {attn} needs one flag per UNet level ({n})")
     unet = UNet2DConditionModel(
         sample_size=spec.sample_size,
         in_channels=spec.latent_channels,
         out_channels=spec.latent_channels,
         block_out_channels=tuple(spec.unet_channels),
         layers_per_block=spec.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         cross_attention_dim=spec.text_hidden,
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=spec.norm_num_groups,

@@ -186,6 +186,17 @@ def test_resumed_run_ends_with_the_same_weights(toy_root, tmp_path):
     assert loss_part == pytest.approx(loss_full, rel=1e-5)
 
 
+def test_resuming_a_run_made_with_other_widths_fails_with_a_message(toy_root, tmp_path, capsys):
+    from train.label_vae import main
+
+    main(_argv(toy_root, tmp_path / "run", max_train_steps=4, validation_steps=100))
+    with pytest.raises(SystemExit) as e:  # same folder, a profile whose widths changed since
+        main(_argv(toy_root, tmp_path / "run", max_train_steps=8, validation_steps=100,
+                   encoder_channels="8 16", decoder_channels="16 16", resume_from_checkpoint="latest"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "checkpoint-4" in err and "cannot resume" in err and "Traceback" not in err
+
+
 def test_bad_options_exit_with_a_message(toy_root, tmp_path, capsys):
     from train.label_vae import main
 

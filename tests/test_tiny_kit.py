@@ -39,3 +39,27 @@ def test_tiny_sd_folder_round_trips_through_from_pretrained(tmp_path):
     g = torch.Generator().manual_seed(3)
     b = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np", generator=g).images
     assert a.shape == (1, 32, 32, 3) and np.array_equal(a, b)
+
+
+def test_unet_attention_flags_choose_the_cross_attention_levels():
+    import pytest
+
+    from models.tiny_kit import tiny_components
+
+    # the toy profiles' layout: 16x16 latents, no attention at full resolution, cross-attention at 8x8
+    spec = TinySDSpec(sample_size=16, unet_channels=(32, 64, 64), unet_attention=(False, True, False),
+                      vae_channels=(32, 64))
+    comps = tiny_components(["a", "red", "circle"], spec, seed=0)
+    unet = comps["unet"]
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    latents = torch.randn(2, 4, 16, 16)
+    text = torch.randn(2, 5, spec.text_hidden)
+    assert unet(latents, 10, text).sample.shape == latents.shape
+    # the VAE of this spec is factor 2: 32 px -> 16x16
+    assert comps["vae"].encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 16, 16)
+    # the default stays SD's: attention everywhere but the deepest level
+    default = tiny_components(["a"], TinySDSpec(), seed=0)["unet"]
+    assert default.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+    with pytest.raises(ValueError, match="one flag per UNet level"):
+        tiny_components(["a"], TinySDSpec(unet_attention=(True,)), seed=0)

@@ -36,6 +36,8 @@ def test_prompt_mask_agreement_counts_exact_missing_and_extra(tmp_path):
     assert r["agreement"] == pytest.approx(2 / 4)
     assert r["missing_a_named_class"] == pytest.approx(2 / 4)  # missing star; missing ring
     assert r["has_an_unnamed_class"] == pytest.approx(1 / 4)  # square not named
+    # one-shape prompts vs two-shape compositions, scored apart
+    assert r["by_named_classes"] == {"1": {"pairs": 2, "agreement": 0.5}, "2": {"pairs": 2, "agreement": 0.5}}
 
 
 def test_stages_resume_and_a_failing_stage_names_its_log(tmp_path, capsys):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from models.joint_unet import joint_epsilon_loss, widen_unet_for_labels
 from utils.config import die, parse_config
-from utils.io import RunDir
+from utils.io import RunDir, load_training_state
 
 
 @dataclass
@@ -518,7 +518,7 @@ def main(argv=None) -> None:
         if ckpt is None:
             run.log("no checkpoint to resume from: starting fresh")
         else:
-            accelerator.load_state(str(ckpt))
+            load_training_state(accelerator, ckpt)
             global_step = int(ckpt.name.split("-")[-1])
             run.log(f"resumed from {ckpt} at step {global_step}")
 

@@ -23,7 +23,7 @@ from dataset import DATASET_NAMES, get_dataset_info
 from models.label_vae import (MODEL_TYPES, PAPER_SCALING_FACTOR, bit_encode, build_label_vae,
                               decode_latents_to_masks, encode_masks, measure_latent_stats)
 from utils.config import die, parse_config
-from utils.io import RunDir, atomic_write_json
+from utils.io import RunDir, atomic_write_json, load_training_state
 from utils.metrics import IoUAccumulator
 from utils.visualize import colorize, error_map, save_grid
 
@@ -189,7 +189,7 @@ def main(argv=None) -> Path:
         if ckpt and not (ckpt[0].is_dir() and ckpt[0].name.startswith("checkpoint-")):
             die(f"{ckpt[0]}: not a checkpoint-N folder")
         if ckpt:
-            accelerator.load_state(str(ckpt[0]))
+            load_training_state(accelerator, ckpt[0])
             global_step = int(ckpt[0].name.split("-")[-1])
             run.log(f"resumed from {ckpt[0]} at step {global_step}")
         else:

@@ -6,7 +6,7 @@ No pretrained weights can be downloaded here, so the toy chain starts from a bas
 on this machine, in exactly the layout of a real SD folder (``unet/ vae/ text_encoder/
 tokenizer/ scheduler/ model_index.json``):
 
-1. a tiny image VAE (diffusers ``AutoencoderKL``, factor 4: 32 px -> 8x8x4) trained on the toy
+1. a tiny image VAE (diffusers ``AutoencoderKL``; the toy profiles use factor 2: 32 px -> 16x16x4) trained on the toy
    images with L1 + MSE reconstruction and a small KL term;
 2. its latent std measured on the training images, ``scaling_factor = 1 / std`` (what SD's 0.18215
    is for its VAE), so diffusion sees unit-variance latents;
@@ -45,6 +45,8 @@ class ToyBaseModelConfig:
     vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64],
                                     metadata={"help": "VAE block widths; n blocks -> factor 2^(n-1)"})
     unet_channels: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "UNet block widths"})
+    unet_attention: list[bool] | None = field(default=None, metadata={
+        "help": "cross-attention per UNet level (default: every level but the deepest)"})
     attention_head_dim: int = field(default=8, metadata={"help": "UNet attention head dim"})
     text_hidden: int = field(default=32, metadata={"help": "text encoder width (= UNet cross-attention dim)"})
     text_layers: int = field(default=2, metadata={"help": "text encoder layers"})
@@ -127,6 +129,7 @@ def main(argv=None) -> None:
     torch.manual_seed(cfg.seed)
     spec = TinySDSpec(
         sample_size=cfg.resolution // factor, unet_channels=tuple(cfg.unet_channels),
+        unet_attention=tuple(cfg.unet_attention) if cfg.unet_attention is not None else None,
         attention_head_dim=cfg.attention_head_dim, vae_channels=tuple(cfg.vae_channels),
         text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, max_length=cfg.max_length,
     )
