@@ -6,8 +6,8 @@ No pretrained weights can be downloaded here, so the toy chain starts from a bas
 on this machine, in exactly the layout of a real SD folder (``unet/ vae/ text_encoder/
 tokenizer/ scheduler/ model_index.json``):
 
-1. a tiny image VAE (diffusers ``AutoencoderKL``; the toy profiles use factor 2: 32 px -> 16x16x4) trained on the toy
-   images with L1 + MSE reconstruction and a small KL term;
+1. a tiny image VAE (diffusers ``AutoencoderKL``; the toy profiles use factor 2: 32 px ->
+   16x16x4) trained on the toy images with L1 + MSE reconstruction and a small KL term;
 2. its latent std measured on the training images, ``scaling_factor = 1 / std`` (what SD's 0.18215
    is for its VAE), so diffusion sees unit-variance latents;
 3. a CLIP tokenizer whose vocabulary holds every word of the toy captions as one token, and a
