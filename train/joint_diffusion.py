@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from tqdm import tqdm
 
 from models.joint_unet import joint_epsilon_loss, widen_unet_for_labels
 from utils.config import die, parse_config
-from utils.io import RunDir, load_training_state
+from utils.checkpoints import find_checkpoint, load_training_state, save_checkpoint
+from utils.io import RunDir
 
 
 @dataclass
@@ -375,38 +375,6 @@ def checkpoint_hooks(accelerator, ema_unet):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    if which != "latest":
-        path = Path(which)
-        if not path.is_dir():
-            die(f"{path}: checkpoint not found")
-        return path
-    found = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[1].isdigit())
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(accelerator, run: RunDir, step: int, limit: int) -> None:
-    """``checkpoint-N/`` appears complete or not at all: written to a temporary name, then renamed."""
-    final = run.path / f"checkpoint-{step}"
-    tmp = run.path / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if limit > 0:
-            old = sorted((int(p.name.split("-")[1]), p) for p in run.path.glob("checkpoint-*")
-                         if p.name.split("-")[1].isdigit())
-            for _, p in old[:-limit]:
-                shutil.rmtree(p)
-        run.log(f"saved {final}")
-
-
 def sampling_scheduler(noise_scheduler):
     """DPM-Solver++ multistep (the authors' sampler) on the training schedule."""
     from diffusers import DPMSolverMultistepScheduler
@@ -592,7 +560,7 @@ def main(argv=None) -> None:
             sums.zero_()
             count, t_log = 0, time.time()
         if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, run.path, global_step, cfg.checkpoints_total_limit, log=run.log)
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < max_steps:
             run_validation(global_step)
     bar.close()

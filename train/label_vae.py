@@ -23,7 +23,8 @@ from dataset import DATASET_NAMES, get_dataset_info
 from models.label_vae import (MODEL_TYPES, PAPER_SCALING_FACTOR, bit_encode, build_label_vae,
                               decode_latents_to_masks, encode_masks, measure_latent_stats)
 from utils.config import die, parse_config
-from utils.io import RunDir, atomic_write_json, load_training_state
+from utils.checkpoints import checkpoint_step, find_checkpoint, load_training_state, save_checkpoint
+from utils.io import RunDir, atomic_write_json
 from utils.metrics import IoUAccumulator
 from utils.visualize import colorize, error_map, save_grid
 
@@ -90,11 +91,6 @@ class EpochPermutation(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(_item_rng_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
 
 
 @torch.no_grad()
@@ -185,13 +181,11 @@ def main(argv=None) -> Path:
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     global_step = 0
     if cfg.resume_from_checkpoint:
-        ckpt = _checkpoints(out)[-1:] if cfg.resume_from_checkpoint == "latest" else [Path(cfg.resume_from_checkpoint)]
-        if ckpt and not (ckpt[0].is_dir() and ckpt[0].name.startswith("checkpoint-")):
-            die(f"{ckpt[0]}: not a checkpoint-N folder")
+        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
         if ckpt:
-            load_training_state(accelerator, ckpt[0])
-            global_step = int(ckpt[0].name.split("-")[-1])
-            run.log(f"resumed from {ckpt[0]} at step {global_step}")
+            load_training_state(accelerator, ckpt)
+            global_step = checkpoint_step(ckpt)
+            run.log(f"resumed from {ckpt} at step {global_step}")
         else:
             run.log(f"no checkpoint in {out}; starting from scratch")
     n_params = sum(p.numel() for p in model.parameters())
@@ -244,12 +238,7 @@ def main(argv=None) -> Path:
             if global_step % cfg.logging_steps == 0 or global_step == 1:
                 run.log_metrics(step=global_step, epoch=epoch, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
             if global_step % cfg.checkpointing_steps == 0:
-                if accelerator.is_main_process and cfg.checkpoints_total_limit:
-                    for old in _checkpoints(out)[: max(0, len(_checkpoints(out)) - cfg.checkpoints_total_limit + 1)]:
-                        shutil.rmtree(old)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(out / f"checkpoint-{global_step}"), safe_serialization=True)
-                run.log(f"saved {out / f'checkpoint-{global_step}'}")
+                save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit, log=run.log)
             if global_step % cfg.validation_steps == 0 or global_step == max_steps:
                 if accelerator.is_main_process:
                     res = validate(accelerator.unwrap_model(model), val_loader, info, cfg.validation_max_samples,

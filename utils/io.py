@@ -127,16 +127,3 @@ class RunDir:
             h.close()
             self.logger.removeHandler(h)
 
-
-def load_training_state(accelerator, ckpt) -> None:
-    """``accelerator.load_state`` with a clear error when the checkpoint was written by a model of
-    other sizes (e.g. a toy profile changed since the run folder was made)."""
-    try:
-        accelerator.load_state(str(ckpt))
-    except RuntimeError as e:
-        from utils.config import die
-
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        die(f"{ckpt}: cannot resume: its weights do not fit the model built from the current settings "
-            f"({first}). It was written with other settings; use a new --output_dir or delete the run's "
-            "checkpoint-* folders.")
