@@ -329,11 +329,15 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
                                                      if res["times"].get("diffumask") else None)}
 
     # pictures: real pairs, generated pairs (raw and optimized), DiffuMask pairs, loss curves
-    for src, name in [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png"),
-                      (p["diffumask"] / "preview.png", "diffumask_pairs.png")]:
+    sources = [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png")]
+    if cfg.diffumask:
+        sources.append((p["diffumask"] / "preview.png", "diffumask_pairs.png"))
+    report["pictures"] = []
+    for src, name in sources:
         if Path(src).exists():
             shutil.copyfile(src, pics / name)
-    report["pictures"] = sorted(x.name for x in pics.glob("*_pairs.png"))
+            report["pictures"].append(name)
+    report["pictures"].sort()
     report["loss_curves"] = _loss_curves(res, pics)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, info))

@@ -77,17 +77,40 @@ def label_channels_of(unet, image_channels: int = 4) -> int:
 
 
 def joint_epsilon_loss(noise_pred: torch.Tensor, noise: torch.Tensor, image_channels: int,
-                       label_loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       label_loss_weight: float = 1.0, sample_weights: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Epsilon-prediction MSE over both halves, in fp32: ``(loss, image_loss, label_loss)``.
 
     ``loss = (image_loss + w * label_loss) / (1 + w)`` where each half is its own mean squared
     error. With the default ``w = 1`` and equally wide halves this is exactly the plain mean over
     all channels, the authors' loss. Image-only tensors (no label half) give ``label_loss=None``.
+    ``sample_weights`` (shape ``(B,)``, e.g. :func:`min_snr_weights`) weight each sample's error
+    before the batch mean; ``None`` is the plain mean.
     """
     err = (noise_pred.float() - noise.float()).pow(2)
+    if sample_weights is not None:
+        err = err * sample_weights.float().view(-1, *([1] * (err.dim() - 1)))
     image_loss = err[:, :image_channels].mean()
     if err.shape[1] == image_channels:
         return image_loss, image_loss, None
     label_loss = err[:, image_channels:].mean()
     loss = (image_loss + label_loss_weight * label_loss) / (1.0 + label_loss_weight)
     return loss, image_loss, label_loss
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023): ``min(SNR(t), gamma) / SNR(t)`` for epsilon
+    prediction (``/ (SNR(t) + 1)`` for v-prediction), one per timestep.
+
+    They leave the noisy timesteps (SNR < gamma) at weight 1 and turn down the nearly clean ones,
+    whose epsilon error is large but shapes little of a sample; the paper measured ~3x faster
+    convergence with gamma = 5.
+    """
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+    ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = ac / (1.0 - ac)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in toy default: toy dataset -> label VAE -> tiny base model ->
 # joint diffusion -> generation -> mask optimization -> DiffuMask baseline -> mmseg segmenters,
-# and a report. CPU, about 15 minutes on 2 cores (plus the one-time install: ~15 min).
+# and a report. CPU, 2 cores: ~10 minutes, within 15 with a first-time install (pip cache warm).
 # Rerun to resume an interrupted run; extra flags go to bench.toy_benchmark (e.g. --output_dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -83,6 +83,23 @@ def test_image_mode_pretrains_a_plain_sd_unet(world):
     assert (out / "validation" / "step-2.png").is_file()
 
 
+def test_min_snr_weighting_only_turns_the_loss_down(world):
+    """--snr_gamma weights each sample by min(SNR, gamma) / SNR <= 1: on the same first batch
+    (same seed, same weights, same noise) the logged loss is at most the plain one."""
+    from train import joint_diffusion
+
+    losses = {}
+    for name, extra in (("plain", []), ("snr", ["--snr_gamma", "5"])):
+        out = world / f"snr_{name}"
+        joint_diffusion.main(CPU_FAST + ["--mode", "image", "--data_root", str(world / "toy"), "--pretrained_model",
+                                         str(world / "base"), "--output_dir", str(out), "--train_batch_size", "8",
+                                         "--max_train_steps", "1", "--logging_steps", "1", "--num_validation_images",
+                                         "0", "--checkpointing_steps", "0"] + extra)
+        losses[name] = read_jsonl(out / "metrics.jsonl")[0]["loss"]
+    assert 0 < losses["snr"] <= losses["plain"] + 1e-7, losses
+    assert "snr_gamma: 5.0" in (world / "snr_snr" / "config.yaml").read_text()
+
+
 def test_tiny_joint_training_lowers_the_loss(world):
     from models.pipeline_jodiffusion import JoDiffusionPipeline
     from train import joint_diffusion

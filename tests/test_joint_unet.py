@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from models.joint_unet import joint_epsilon_loss, label_channels_of, widen_unet_for_labels
+from models.joint_unet import joint_epsilon_loss, label_channels_of, min_snr_weights, widen_unet_for_labels
 
 # Stable Diffusion 1.5's unet/config.json, written out (no download).
 SD15_UNET_CONFIG = dict(
@@ -92,3 +92,31 @@ def test_joint_loss_default_is_plain_mean_over_all_channels():
     assert torch.allclose(weighted, (image_loss + 3 * label_loss) / 4)
     only_image, _, none = joint_epsilon_loss(pred[:, :4], noise[:, :4], 4)
     assert none is None and torch.allclose(only_image, image_loss)
+
+
+def test_min_snr_weights_turn_down_only_the_nearly_clean_timesteps():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 50, 400, 999])
+    w = min_snr_weights(sched.alphas_cumprod, t, gamma=5.0)
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    assert torch.allclose(w[:2], 5.0 / snr[:2])  # SNR > 5: weight gamma / SNR < 1
+    assert w[0] < w[1] < 1.0
+    assert torch.allclose(w[2:], torch.ones(2))  # noisy timesteps keep weight 1
+    v = min_snr_weights(sched.alphas_cumprod, t, gamma=5.0, prediction_type="v_prediction")
+    assert torch.allclose(v, torch.clamp(snr, max=5.0) / (snr + 1))
+    with pytest.raises(ValueError):
+        min_snr_weights(sched.alphas_cumprod, t, gamma=0.0)
+
+
+def test_joint_loss_sample_weights_scale_each_sample():
+    pred, noise = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    plain, _, _ = joint_epsilon_loss(pred, noise, 4)
+    ones, _, _ = joint_epsilon_loss(pred, noise, 4, sample_weights=torch.ones(2))
+    assert torch.allclose(plain, ones)
+    only_first, image_loss, _ = joint_epsilon_loss(pred, noise, 4, sample_weights=torch.tensor([2.0, 0.0]))
+    assert torch.allclose(only_first, (pred[0] - noise[0]).pow(2).mean())  # 2 * half of the batch mean
+    assert torch.allclose(image_loss, (pred[0, :4] - noise[0, :4]).pow(2).mean())
+

@@ -63,3 +63,23 @@ def test_unet_attention_flags_choose_the_cross_attention_levels():
     assert default.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
     with pytest.raises(ValueError, match="one flag per UNet level"):
         tiny_components(["a"], TinySDSpec(unet_attention=(True,)), seed=0)
+
+
+def test_random_text_encoder_tells_the_class_words_apart():
+    """A frozen random encoder stands in for CLIP: the class word, not its position, must decide
+    the token's output, or the UNet cannot read which shapes a caption asks for."""
+    from models.tiny_kit import tiny_components
+
+    caps = [f"a red {shape} and a blue circle on a striped background" for shape in ("star", "square", "ring")]
+    comps = tiny_components(words_from_texts(caps), TinySDSpec(), seed=0)
+    tok, te = comps["tokenizer"], comps["text_encoder"].eval()
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(te(ids)[0][:, 3], dim=-1)  # the first shape word's output
+    cos = h @ h.T
+    assert float(cos[0, 1]) < 0.8 and float(cos[0, 2]) < 0.8 and float(cos[1, 2]) < 0.8
+    # CLIP's own initialisation (std 0.02) is what this guards against: there the words blur together
+    small = tiny_components(words_from_texts(caps), TinySDSpec(token_embedding_std=0.02), seed=0)
+    with torch.no_grad():
+        h2 = torch.nn.functional.normalize(small["text_encoder"].eval()(ids)[0][:, 3], dim=-1)
+    assert float((h2 @ h2.T)[0, 1]) > float(cos[0, 1])

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.joint_unet import joint_epsilon_loss, widen_unet_for_labels
+from models.joint_unet import joint_epsilon_loss, min_snr_weights, widen_unet_for_labels
 from utils.config import die, parse_config
 from utils.checkpoints import find_checkpoint, load_training_state, save_checkpoint
 from utils.io import RunDir
@@ -69,6 +69,7 @@ class JointDiffusionConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability of the empty prompt (classifier-free guidance)"})
     label_loss_weight: float = field(default=1.0, metadata={"help": "w in (image_loss + w label_loss)/(1+w); 1 = plain mean (authors)"})
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (e.g. 5); unset = plain mean (authors)"})
     use_ema: bool = field(default=False, metadata={"help": "keep EMA weights (exported instead of the raw ones)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers EMAModel, warm-up (1+n)/(10+n))"})
     cache_latents: bool = field(default=False, metadata={"help": "encode the training set once with both VAEs and reuse"})
@@ -533,7 +534,10 @@ def main(argv=None) -> None:
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
             pred = unet(noisy, t, text).sample
-            loss, image_loss, label_loss = joint_epsilon_loss(pred, target, image_channels, cfg.label_loss_weight)
+            weights = None if not cfg.snr_gamma else min_snr_weights(
+                noise_scheduler.alphas_cumprod, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
+            loss, image_loss, label_loss = joint_epsilon_loss(pred, target, image_channels, cfg.label_loss_weight,
+                                                              sample_weights=weights)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)

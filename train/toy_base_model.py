@@ -12,7 +12,9 @@ tokenizer/ scheduler/ model_index.json``):
    is for its VAE), so diffusion sees unit-variance latents;
 3. a CLIP tokenizer whose vocabulary holds every word of the toy captions as one token, and a
    small random CLIP text encoder that stays frozen (a fixed random embedding of each word is
-   all a conditional UNet needs to tell "ring" from "circle");
+   all a conditional UNet needs to tell "ring" from "circle"; the word embeddings are drawn at
+   std 1, not CLIP's 0.02, so that the word and not its position decides each token's output,
+   see ``TinySDSpec.token_embedding_std``);
 4. an untrained UNet of the SD layout; ``train.joint_diffusion --mode image`` pretrains it next.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Toy stage 2 on CPU (2 cores, ~2-3 minutes with configs/joint_diffusion/toy.yaml; the benchmark
-# profile CONFIG=configs/joint_diffusion/toy_bench.yaml takes ~20 minutes). Joint training of
+# profile CONFIG=configs/joint_diffusion/toy_bench.yaml takes ~25 minutes). Joint training of
 # the widened toy UNet on cached latents. Chain before it: scripts/ldm/toy_base_model.sh ->
 # python -m train.joint_diffusion --config configs/joint_diffusion/toy_image.yaml
 #   --pretrained_model runs/toy/base_model --output_dir runs/toy/image_unet ->
