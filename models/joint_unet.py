@@ -113,4 +113,3 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     snr = ac / (1.0 - ac)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
-

@@ -69,7 +69,7 @@ class JointDiffusionConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability of the empty prompt (classifier-free guidance)"})
     label_loss_weight: float = field(default=1.0, metadata={"help": "w in (image_loss + w label_loss)/(1+w); 1 = plain mean (authors)"})
-    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (e.g. 5); unset = plain mean (authors)"})
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (e.g. 5; the logged losses are then weighted too); unset = plain mean (authors)"})
     use_ema: bool = field(default=False, metadata={"help": "keep EMA weights (exported instead of the raw ones)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers EMAModel, warm-up (1+n)/(10+n))"})
     cache_latents: bool = field(default=False, metadata={"help": "encode the training set once with both VAEs and reuse"})
