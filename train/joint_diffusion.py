@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from models.joint_unet import joint_epsilon_loss, min_snr_weights, widen_unet_for_labels
 from utils.config import die, parse_config
-from utils.checkpoints import find_checkpoint, load_training_state, save_checkpoint
+from utils.checkpoints import checkpoint_step, find_checkpoint, load_training_state, save_checkpoint
 from utils.io import RunDir
 
 
@@ -488,7 +488,7 @@ def main(argv=None) -> None:
             run.log("no checkpoint to resume from: starting fresh")
         else:
             load_training_state(accelerator, ckpt)
-            global_step = int(ckpt.name.split("-")[-1])
+            global_step = checkpoint_step(ckpt)
             run.log(f"resumed from {ckpt} at step {global_step}")
 
     prompts = list(cfg.validation_prompts) or data.preview_captions[: cfg.num_validation_images]
