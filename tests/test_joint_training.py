@@ -1,5 +1,8 @@
 """Stage 2 end to end on a tiny toy world: base model -> image pretraining -> init -> joint training."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -145,6 +148,28 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(world):
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, sub
     start = load_file(world / "init" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(start[k], a[k]) for k in a)  # it did train
+
+
+def test_mixed_precision_run_exports_the_frozen_components_unrounded(world):
+    """Training casts the frozen VAE, text encoder and label VAE to bf16; the exported pipeline must
+    still hold the base model's float32 weights, bit for bit."""
+    out = world / "bf16"
+    args = [a for a in CPU_FAST if a not in ("--mixed_precision", "no")]
+    # its own process: accelerate keeps one mixed-precision setting per process (the other tests': no)
+    subprocess.run([sys.executable, "-m", "train.joint_diffusion", *args, "--mixed_precision", "bf16",
+                    "--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                    "--label_vae", str(world / "label_vae"), "--output_dir", str(out), "--train_batch_size", "8",
+                    "--max_train_steps", "2", "--checkpointing_steps", "0", "--num_validation_images", "0"],
+                   check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True)
+    assert "mixed precision bf16" in (out / "log.txt").read_text()
+    pairs = {"vae/diffusion_pytorch_model.safetensors": world / "base" / "vae" / "diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors": world / "base" / "text_encoder" / "model.safetensors",
+             "label_vae/diffusion_pytorch_model.safetensors": world / "label_vae" / "diffusion_pytorch_model.safetensors"}
+    for exported, source in pairs.items():
+        a, b = load_file(out / "pipeline" / exported), load_file(source)
+        assert a.keys() == b.keys(), exported
+        for k in a:
+            assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), (exported, k)
 
 
 def test_8bit_adam_on_cpu_is_a_clear_error(world, capsys):

@@ -397,6 +397,16 @@ def build_pipeline(models: dict, unet, noise_scheduler):
                                tokenizer=models["tokenizer"], unet=unet, scheduler=sampling_scheduler(noise_scheduler))
 
 
+def export_components(cfg: JointDiffusionConfig, models: dict, weight_dtype: torch.dtype) -> dict:
+    """The frozen components for the exported pipeline, as they were loaded (float32). Training casts
+    them to the mixed-precision dtype; saving that cast would silently round the base model's VAE,
+    text encoder and label VAE to fp16/bf16, so with mixed precision they are loaded again."""
+    if weight_dtype == torch.float32:
+        return models
+    vae, label_vae, text_encoder, tokenizer, _, _ = load_models(cfg)
+    return dict(vae=vae, label_vae=label_vae, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 @torch.no_grad()
 def validate(pipe, prompts: list[str], cfg: JointDiffusionConfig, info, path: Path, accelerator) -> None:
     """A grid: one row per prompt with the image, its mask and the mask over the image (dataset palette)."""
@@ -575,7 +585,8 @@ def main(argv=None) -> None:
         if ema_unet is not None:
             ema_unet.copy_to(model.parameters())
         model.eval()
-        build_pipeline(models, model, noise_scheduler).save_pretrained(str(run.path / "pipeline"), safe_serialization=True)
+        build_pipeline(export_components(cfg, models, weight_dtype), model, noise_scheduler).save_pretrained(
+            str(run.path / "pipeline"), safe_serialization=True)
         run.log(f"exported the {'EMA ' if ema_unet is not None else ''}pipeline to {run.path / 'pipeline'}")
         if prompts:
             validate(build_pipeline(models, model, noise_scheduler), prompts, cfg, info,

@@ -13,6 +13,11 @@ train_pipeline = [
     dict(type="LoadAnnotations"),
     dict(type="Resize", scale=crop_size, keep_ratio=False),  # a no-op for 32 px data
     dict(type="RandomFlip", prob=0.5),
+    # as in the ADE20K / VOC / COCO recipes, without their random 0.5-2x resize + crop, which at
+    # 32 px shrinks shapes to a few pixels. One GPU run each, 3000 iterations: real-only 0.911 (flip
+    # only) -> 0.943 with PhotoMetricDistortion -> 0.657 with resize + crop too; on the same
+    # generated pairs 0.650 -> 0.682 -> 0.498.
+    dict(type="PhotoMetricDistortion"),
     dict(type="PackSegInputs"),
 ]
 test_pipeline = [
