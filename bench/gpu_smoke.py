@@ -149,12 +149,9 @@ def count(model) -> int:
 
 def toy_words(info) -> list[str]:
     """Every word of the toy captions (all splits) and of the class-name fallback captions."""
-    from dataset.segmentation import load_captions
+    from train.toy_base_model import vocabulary_texts
 
-    texts = [info.class_name_caption(range(info.num_labels))] + list(info.classes)
-    for split in info.splits:
-        texts += list((load_captions(info, split) or {}).values())
-    return words_from_texts(texts)
+    return words_from_texts(vocabulary_texts(info))
 
 
 def dry_run(cfg: GpuSmokeConfig) -> None:

@@ -56,19 +56,15 @@ class JoDiffusionPipelineOutput(BaseOutput):
     confidence: np.ndarray | torch.Tensor | None
 
 
-def load_sd_components(source: str) -> dict:
-    """The base model's ``vae``, ``text_encoder``, ``tokenizer`` and ``unet`` from a Stable
-    Diffusion folder or hub id (the same subfolders a JoDiffusion folder has). Raises OSError /
-    ValueError when a part is missing or unreadable."""
+def load_sd_components(source: str, parts=("vae", "text_encoder", "tokenizer", "unet")) -> dict:
+    """The base model's ``vae``, ``text_encoder``, ``tokenizer`` and ``unet`` (or only ``parts``) from
+    a Stable Diffusion folder or hub id (the same subfolders a JoDiffusion folder has). Raises
+    OSError / ValueError when a part is missing or unreadable."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    return dict(
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-    )
+    classes = dict(vae=AutoencoderKL, text_encoder=CLIPTextModel, tokenizer=CLIPTokenizer, unet=UNet2DConditionModel)
+    return {name: classes[name].from_pretrained(source, subfolder=name) for name in parts}
 
 
 def default_scheduler_config() -> dict:

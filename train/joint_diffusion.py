@@ -298,6 +298,10 @@ class LatentBatches:
         return torch.Generator(device=device).manual_seed(_mix(self.seed, 2, micro, self.rank))
 
 
+def label_vae_path(cfg: JointDiffusionConfig) -> str:
+    return cfg.label_vae or str(Path(cfg.pretrained_model) / "label_vae")
+
+
 def load_models(cfg: JointDiffusionConfig):
     """Base components from ``pretrained_model``; the UNet widened here when it is not yet joint."""
     from diffusers import DDPMScheduler
@@ -318,7 +322,7 @@ def load_models(cfg: JointDiffusionConfig):
         if unet.config.in_channels != c:
             die(f"{src}: --mode image needs a plain UNet but this one takes {unet.config.in_channels} channels")
         return vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler
-    lv_path = cfg.label_vae or str(Path(src) / "label_vae")
+    lv_path = label_vae_path(cfg)
     try:
         label_vae = load_label_vae(lv_path)
     except (OSError, ValueError) as e:
@@ -400,11 +404,16 @@ def build_pipeline(models: dict, unet, noise_scheduler):
 def export_components(cfg: JointDiffusionConfig, models: dict, weight_dtype: torch.dtype) -> dict:
     """The frozen components for the exported pipeline, as they were loaded (float32). Training casts
     them to the mixed-precision dtype; saving that cast would silently round the base model's VAE,
-    text encoder and label VAE to fp16/bf16, so with mixed precision they are loaded again."""
+    text encoder and label VAE to fp16/bf16, so with mixed precision they are loaded again (the
+    UNet is not: it trains in float32 and is exported from memory)."""
+    from models.label_vae import load_label_vae
+    from models.pipeline_jodiffusion import load_sd_components
+
     if weight_dtype == torch.float32:
         return models
-    vae, label_vae, text_encoder, tokenizer, _, _ = load_models(cfg)
-    return dict(vae=vae, label_vae=label_vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    fresh = load_sd_components(cfg.pretrained_model, parts=("vae", "text_encoder"))
+    label_vae = load_label_vae(label_vae_path(cfg)) if models["label_vae"] is not None else None
+    return dict(models, **fresh, label_vae=label_vae)
 
 
 @torch.no_grad()

@@ -69,12 +69,16 @@ def load_images(cfg: ToyBaseModelConfig, info) -> tuple[torch.Tensor, list[str]]
     ds = SegmentationDataset(info, "train", size=cfg.resolution, augment=False, captions="auto")
     n = len(ds) if cfg.max_images <= 0 else min(cfg.max_images, len(ds))
     images = torch.stack([ds[i]["image"] for i in range(n)])
-    texts = [ds.caption(i) for i in range(len(ds))]
+    return images, [ds.caption(i) for i in range(len(ds))] + vocabulary_texts(info)
+
+
+def vocabulary_texts(info) -> list[str]:
+    """The texts the toy tokenizer's vocabulary is built from: every stored caption of every split,
+    plus the class-name fallback captions ("a photo of circle, ring"), which must tokenise too."""
+    texts = []
     for split in info.splits:
         texts += list((load_captions(info, split) or {}).values())
-    # class-name fallback captions ("a photo of circle, ring") must tokenise into known words too
-    texts += [info.class_name_caption(range(info.num_labels))] + list(info.classes)
-    return images, texts
+    return texts + [info.class_name_caption(range(info.num_labels))] + list(info.classes)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: ToyBaseModelConfig, run: RunDir) -> None:
