@@ -93,7 +93,11 @@ def make_scheduler(name: str, config):
                "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
     if name not in classes:
         die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    from models.pipeline_jodiffusion import LATENT_SAMPLER_DEFAULTS
+
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    # pipelines saved before their scheduler config held clip_sample: DDIM must not clip latents
+    config = {**LATENT_SAMPLER_DEFAULTS, **dict(config)}
     return getattr(diffusers, classes[name]).from_config(config, **extra)
 
 

@@ -73,6 +73,23 @@ def default_scheduler_config() -> dict:
                 algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", steps_offset=1)
 
 
+# What SD's own scheduler configs say for latents. A DPM-Solver++ config does not hold these keys,
+# and DDIM / DDPM built from it with ``from_config`` would take their own defaults: clip_sample=True
+# clips each predicted latent to [-1, 1] (SD's latents are not in that range) and the samples come
+# out as noise (measured on the toy benchmark's model: prompt-mask agreement 0.00 with DDIM vs 0.91
+# with DPM-Solver++).
+LATENT_SAMPLER_DEFAULTS = dict(clip_sample=False, set_alpha_to_one=False)
+
+
+def with_latent_sampler_defaults(scheduler):
+    """Write ``LATENT_SAMPLER_DEFAULTS`` into a scheduler's config where it has no such key, so that
+    a scheduler swapped in with ``from_config`` (and a saved pipeline's config) carries them."""
+    missing = {k: v for k, v in LATENT_SAMPLER_DEFAULTS.items() if k not in scheduler.config}
+    if missing:
+        scheduler.register_to_config(**missing)
+    return scheduler
+
+
 class JoDiffusionPipeline(DiffusionPipeline):
     """Joint image + mask generation with classifier-free guidance and any diffusers scheduler."""
 
@@ -81,6 +98,7 @@ class JoDiffusionPipeline(DiffusionPipeline):
 
     def __init__(self, vae, label_vae, text_encoder, tokenizer, unet, scheduler):
         super().__init__()
+        with_latent_sampler_defaults(scheduler)
         self.register_modules(vae=vae, label_vae=label_vae, text_encoder=text_encoder,
                               tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
@@ -124,7 +142,17 @@ class JoDiffusionPipeline(DiffusionPipeline):
         c = self.image_latent_channels
         image_latents, label_latents = latents[:, :c], latents[:, c:]
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(image_latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        # SD's VAE says force_upcast: its decoder overflows in fp16 (NaN / black images), so it
+        # decodes in float32 and goes back to fp16 afterwards, as diffusers' own pipelines do
+        upcast = vae_dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            z = image_latents.to(torch.float32 if upcast else vae_dtype) / self.vae.config.scaling_factor
+            images = self.vae.decode(z).sample
+        finally:
+            if upcast:
+                self.vae.to(vae_dtype)
         images = (images.float() / 2 + 0.5).clamp(0, 1)
         masks, confidence = decode_latents_to_masks(
             self.label_vae, label_latents, threshold=confidence_threshold,

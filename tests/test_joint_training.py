@@ -178,3 +178,77 @@ def test_8bit_adam_on_cpu_is_a_clear_error(world, capsys):
     with pytest.raises(SystemExit) as e:
         joint_diffusion.main(["--pretrained_model", str(world / "init"), "--output_dir", str(world / "x")])
     assert e.value.code == 2 and "use_8bit_adam" in capsys.readouterr().err
+
+
+def test_validation_grid_draws_its_noise_on_the_cpu_whatever_the_device(tmp_path):
+    # the grid must show what inference.generate would make from the same seeds: it seeds CPU
+    # generators, so the validation does too, even when training runs on CUDA
+    from types import SimpleNamespace
+
+    from dataset import get_dataset_info
+    from train.joint_diffusion import JointDiffusionConfig, validate
+
+    calls = []
+
+    class FakePipe:
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, prompts, generator, **kw):
+            calls.append([(g.device.type, g.initial_seed()) for g in generator])
+            n = len(prompts)
+            return SimpleNamespace(images=np.zeros((n, 8, 8, 3), np.uint8), masks=np.zeros((n, 8, 8), np.uint8))
+
+    import contextlib
+
+    accelerator = SimpleNamespace(device=torch.device("cuda"), autocast=contextlib.nullcontext)
+    cfg = JointDiffusionConfig(mode="joint", seed=5)
+    validate(FakePipe(), ["a red circle", "a blue ring"], cfg, get_dataset_info("toy"), tmp_path / "grid.png", accelerator)
+    assert calls == [[("cpu", 5), ("cpu", 6)]]
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_dihedral_views_are_the_eight_rotations_and_flips():
+    from train.joint_diffusion import dihedral_view
+
+    x = torch.arange(12.0).view(1, 3, 4)[:, :, :3]  # 3x3, no symmetry
+    views = [dihedral_view(x, k) for k in range(8)]
+    expected = [np.rot90(x[0].numpy(), r) for r in range(4)]
+    expected += [np.fliplr(e) for e in expected]
+    for got, want in zip(views, expected):
+        np.testing.assert_array_equal(got[0].numpy(), want)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert all(v.is_contiguous() for v in views)
+
+
+def test_dihedral_augmentation_caches_eight_views_and_trains_on_all_of_them(world, capsys):
+    """--augment_views dihedral (the toy benchmark's joint stage): every item is cached in its 8
+    rotations / flips, and training draws from all of them."""
+    from train import joint_diffusion
+    from train.joint_diffusion import CachedSource, LatentBatches
+
+    common = CPU_FAST + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                         "--label_vae", str(world / "label_vae"), "--train_batch_size", "8", "--cache_latents",
+                         "--cache_dir", str(world / "cache_views"), "--checkpointing_steps", "0",
+                         "--num_validation_images", "0", "--max_train_steps", "2"]
+    joint_diffusion.main(common + ["--output_dir", str(world / "flip")])
+    joint_diffusion.main(common + ["--output_dir", str(world / "d4"), "--augment_views", "dihedral"])
+    assert "(+ flipped copies)" in (world / "flip" / "log.txt").read_text()
+    log = (world / "d4" / "log.txt").read_text()
+    assert "(+ 7 rotated / flipped copies)" in log and "reusing" not in log  # the flip-only cache is not reused
+    shard = load_file(world / "cache_views" / "shard-00000.safetensors")
+    for key in ("image_mean", "image_std", "label"):
+        assert [k for k in shard if k.startswith(key + "_")] == [f"{key}_d{k}" for k in range(1, 8)]
+        # a quarter turn of the item is a different latent
+        assert not torch.allclose(shard[key], shard[key + "_d1"])
+    assert shard["label_d2"].shape == shard["label"].shape
+
+    n = 40
+    source = CachedSource({}, n, None, [])
+    batches = LatentBatches(source, 8, 1, 0, seed=0, views=8)
+    rows = torch.cat([b for _, b in zip(range(25), (b for _, b in batches.iterate()))])
+    assert set((rows // n).tolist()) == set(range(8)) and set((rows % n).tolist()) == set(range(n))
+
+    with pytest.raises(SystemExit):
+        joint_diffusion.main(common + ["--output_dir", str(world / "bad"), "--augment_views", "rot45"])
+    assert "--augment_views must be one of flip, dihedral" in capsys.readouterr().err

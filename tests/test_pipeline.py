@@ -107,3 +107,56 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     b = loaded(["a red circle"], num_inference_steps=3, generator=gens(7))
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_fp16_vae_with_force_upcast_decodes_in_float32(force_upcast):
+    # SD 1.5's VAE config sets force_upcast: in fp16 its decoder overflows (black / NaN images)
+    pipe = make_tiny_pipeline()
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    seen = []
+    hook = pipe.vae.decoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        images, masks, _ = pipe.decode_latents(latents)
+    except RuntimeError as e:  # a CPU build without fp16 convolutions can only test the upcast
+        if force_upcast:
+            raise
+        pytest.skip(f"fp16 convolution on this CPU: {e}")
+    finally:
+        hook.remove()
+    assert seen == [torch.float32 if force_upcast else torch.float16]
+    assert pipe.vae.dtype == torch.float16  # the pipeline's VAE goes back to the dtype it was given
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert masks.shape == (2, 32, 32)
+
+
+def test_ddim_swapped_in_from_the_config_does_not_clip_the_latents(tmp_path):
+    """DDIM's own default clips each predicted latent to [-1, 1], which turned a trained model's
+    samples into noise. A pipeline's scheduler config (saved and reloaded) carries SD's no-clipping
+    settings, so ``DDIMScheduler.from_config(pipe.scheduler.config)`` samples the same ODE as
+    DPM-Solver++, and ``inference.generate --scheduler ddim`` adds them for older pipelines too."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from inference.generate import make_scheduler
+
+    pipe = make_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    pipe = JoDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert ddim.config.clip_sample is False
+    old = {k: v for k, v in pipe.scheduler.config.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    assert DDIMScheduler.from_config(old).config.clip_sample is True  # what went wrong before
+    assert make_scheduler("ddim", old).config.clip_sample is False
+
+    def draw(scheduler):
+        pipe.scheduler = scheduler
+        return pipe(["a red circle"], num_inference_steps=40, guidance_scale=3.0, generator=gens(3),
+                    output_type="pt").images
+
+    dpm = draw(DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+    no_clip = (draw(ddim) - dpm).abs().mean().item()
+    clipped = (draw(DDIMScheduler.from_config(old)) - dpm).abs().mean().item()
+    assert no_clip < clipped / 2, (no_clip, clipped)

@@ -51,6 +51,9 @@ class JointDiffusionConfig:
     output_dir: str = field(default="runs/ade20k/joint_diffusion", metadata={"help": "run folder"})
     resolution: int = field(default=512, metadata={"help": "training resolution (paper: 512)"})
     augment: bool = field(default=True, metadata={"help": "random crop + flip (with --cache_latents: centre crop, both flips cached)"})
+    augment_views: str = field(default="flip", metadata={
+        "help": "with --augment: flip (horizontal flips, for photos) or dihedral (the 8 rotations and flips, "
+                "for data with no up or down such as the toy shapes; --cache_latents caches all 8)"})
     train_batch_size: int = field(default=8, metadata={"help": "per-device batch (paper: 8 x 4 GPUs = 32)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     num_train_epochs: int = field(default=100, metadata={"help": "epochs (paper: 100 ADE20K/VOC, 20 COCO)"})
@@ -91,6 +94,25 @@ class JointDiffusionConfig:
 # ---- data: what a training item becomes (cached latents or images encoded on the fly) ----------
 
 CACHE_VERSION = 1
+AUGMENT_VIEWS = {"flip": 2, "dihedral": 8}
+
+
+def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0-7) of the dihedral group on the last two dims: ``k % 4`` quarter turns, then a
+    horizontal flip when ``k >= 4`` (view 4 is the plain flip)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+    return (x.flip(-1) if k >= 4 else x).contiguous()  # a strided view would slow the VAE's convs ~2x
+
+
+def num_views(cfg) -> int:
+    """Cached copies of each item: 1 without augmentation, 2 with flips, 8 with dihedral views."""
+    return AUGMENT_VIEWS[cfg.augment_views] if cfg.augment else 1
+
+
+def _view_suffixes(cfg) -> list[str]:
+    if not cfg.augment:
+        return [""]
+    return ["", "_flip"] if cfg.augment_views == "flip" else [""] + [f"_d{k}" for k in range(1, 8)]
 CACHE_SHARD_ITEMS = 1024
 
 
@@ -117,8 +139,8 @@ def encode_images(vae, images: torch.Tensor, device, dtype) -> tuple[torch.Tenso
 class ImageSource:
     """Images and masks read and encoded every step (the VAEs run each epoch)."""
 
-    def __init__(self, dataset, models: dict, num_workers: int):
-        self.dataset, self.models, self.num_workers = dataset, models, num_workers
+    def __init__(self, dataset, models: dict, num_workers: int, dihedral: bool = False):
+        self.dataset, self.models, self.num_workers, self.dihedral = dataset, models, num_workers, dihedral
         tok = models["tokenizer"]
         self.empty_ids = tokenize(tok, [""])
         self.preview_captions = [dataset.caption(i) for i in range(min(16, len(dataset)))]
@@ -140,6 +162,10 @@ class ImageSource:
     def latents(self, batch, gen, device, dtype):
         from models.label_vae import encode_masks
 
+        if self.dihedral:  # the dataset already flipped at random; add a random number of quarter turns
+            turns = torch.randint(0, 4, (len(batch["image"]),), generator=gen, device=gen.device).tolist()
+            batch = dict(batch, image=torch.stack([dihedral_view(x, k) for x, k in zip(batch["image"], turns)]),
+                         mask=torch.stack([dihedral_view(x, k) for x, k in zip(batch["mask"], turns)]))
         mean, std = encode_images(self.models["vae"], batch["image"], device, dtype)
         z = mean.float() + std.float() * torch.randn(mean.shape, generator=gen, device=device)
         if self.models["label_vae"] is not None:
@@ -149,7 +175,8 @@ class ImageSource:
 
 
 class CachedSource:
-    """Latents encoded once (``--cache_latents``); rows ``N + i`` hold item ``i`` flipped."""
+    """Latents encoded once (``--cache_latents``); row ``v * N + i`` holds view ``v`` of item ``i``
+    (view 1 = flipped with ``--augment_views flip``; views 1-7 = ``dihedral_view`` with ``dihedral``)."""
 
     def __init__(self, tensors: dict, num_items: int, empty_ids, preview_captions):
         self.t, self.n = tensors, num_items
@@ -158,10 +185,10 @@ class CachedSource:
     def __len__(self) -> int:
         return self.n
 
-    def batches(self, epoch: int, index_batches: list[list[int]], flips):
+    def batches(self, epoch: int, index_batches: list[list[int]], views):
         for idx in index_batches:
             idx = torch.as_tensor(idx)
-            yield idx + self.n * flips[idx] if flips is not None else idx
+            yield idx + self.n * views[idx] if views is not None else idx
 
     def latents(self, rows, gen, device, dtype):
         mean = self.t["image_mean"][rows].to(device, torch.float32)
@@ -185,6 +212,8 @@ def _cache_fingerprint(cfg, info, dataset, models: dict, dtype) -> str:
                 text=len(models["tokenizer"].get_vocab()), max_length=models["tokenizer"].model_max_length)
     if models["label_vae"] is not None:
         desc.update(label_vae=_weights_checksum(models["label_vae"]), label_scaling=models["label_vae"].config.scaling_factor)
+    if num_views(cfg) != (2 if cfg.augment else 1):  # caches made before there was a choice keep their fingerprint
+        desc.update(views=cfg.augment_views)
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -197,8 +226,10 @@ def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, device, dty
                                          batch_size=cfg.cache_batch_size, num_workers=cfg.dataloader_num_workers)
     for batch in loader:
         views = [("", batch["image"], batch["mask"])]
-        if cfg.augment:
+        if cfg.augment and cfg.augment_views == "flip":
             views.append(("_flip", batch["image"].flip(-1), batch["mask"].flip(-1)))
+        elif cfg.augment:
+            views += [(f"_d{k}", dihedral_view(batch["image"], k), dihedral_view(batch["mask"], k)) for k in range(1, 8)]
         for suffix, image, mask in views:
             mean, std = encode_images(models["vae"], image, device, dtype)
             parts.setdefault("image_mean" + suffix, []).append(mean.to(dtype).cpu())
@@ -224,7 +255,7 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
     except (DatasetError, ValueError) as e:
         die(str(e))
     if not cfg.cache_latents:
-        return ImageSource(dataset, models, cfg.dataloader_num_workers)
+        return ImageSource(dataset, models, cfg.dataloader_num_workers, dihedral=num_views(cfg) == 8)
 
     dtype = next(models["vae"].parameters()).dtype
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache")
@@ -241,7 +272,8 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
     todo = [s for s in shards[accelerator.process_index::accelerator.num_processes]
             if not is_done(cache_dir / f"shard-{s[0]:05d}.safetensors")]
     if todo:
-        run.log(f"caching latents of {n} items{' (+ flipped copies)' if cfg.augment else ''} in {cache_dir}")
+        copies = {1: "", 2: " (+ flipped copies)", 8: " (+ 7 rotated / flipped copies)"}[num_views(cfg)]
+        run.log(f"caching latents of {n} items{copies} in {cache_dir}")
     t0 = time.time()
     for k, start, stop in tqdm(todo, desc="latent cache", disable=not accelerator.is_main_process or not todo):
         tensors = _encode_shard(dataset, start, stop, cfg, models, accelerator.device, dtype)
@@ -254,14 +286,14 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
         run.log(f"reusing the latent cache in {cache_dir}")
     loaded = [load_file(str(cache_dir / f"shard-{k:05d}.safetensors")) for k, _, _ in shards]
     tensors = {}
-    for key in loaded[0]:
-        if key.endswith("_flip"):
+    suffixes = _view_suffixes(cfg)
+    for key in ("image_mean", "image_std", "label", "input_ids"):
+        if key not in loaded[0]:
             continue
-        rows = [part[key] for part in loaded]
-        if key != "input_ids" and cfg.augment:
-            rows += [part[key + "_flip"] for part in loaded]
-        elif key == "input_ids" and cfg.augment:
-            rows = rows * 2
+        if key == "input_ids":
+            rows = [part[key] for part in loaded] * len(suffixes)
+        else:
+            rows = [part[key + suffix] for suffix in suffixes for part in loaded]
         tensors[key] = torch.cat(rows)
     preview = [dataset.caption(i) for i in range(min(16, n))]
     return CachedSource(tensors, n, tokenize(models["tokenizer"], [""]), preview)
@@ -270,9 +302,9 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
 class LatentBatches:
     """Which items each process sees at each micro-step, from (seed, epoch) alone: resumable anywhere."""
 
-    def __init__(self, source, batch_size: int, world: int, rank: int, seed: int, flips: bool):
+    def __init__(self, source, batch_size: int, world: int, rank: int, seed: int, views: int):
         self.source, self.batch_size, self.world, self.rank, self.seed = source, batch_size, world, rank, seed
-        self.flips = flips and isinstance(source, CachedSource)
+        self.views = views if isinstance(source, CachedSource) and views > 1 else 0
         self.steps_per_epoch = len(source) // (batch_size * world)  # the last partial batch is dropped
 
     def _epoch(self, epoch: int):
@@ -280,16 +312,16 @@ class LatentBatches:
         n, g = len(self.source), self.batch_size * self.world
         perm = torch.randperm(n, generator=gen)[: self.steps_per_epoch * g].view(self.steps_per_epoch, g)
         mine = perm[:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        flips = torch.randint(0, 2, (n,), generator=gen) if self.flips else None
-        return mine, flips
+        views = torch.randint(0, self.views, (n,), generator=gen) if self.views else None  # a view per item
+        return mine, views
 
     def iterate(self, start_micro: int = 0):
         """Yield ``(micro_step, batch)`` forever, starting at ``start_micro``."""
         micro = start_micro
         while True:
             epoch, offset = divmod(micro, self.steps_per_epoch)
-            mine, flips = self._epoch(epoch)
-            for batch in self.source.batches(epoch, mine[offset:].tolist(), flips):
+            mine, views = self._epoch(epoch)
+            for batch in self.source.batches(epoch, mine[offset:].tolist(), views):
                 yield micro, batch
                 micro += 1
 
@@ -424,7 +456,9 @@ def validate(pipe, prompts: list[str], cfg: JointDiffusionConfig, info, path: Pa
     from utils.visualize import colorize, overlay, save_grid
 
     pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator(device=accelerator.device).manual_seed(cfg.seed + i) for i in range(len(prompts))]
+    # CPU generators, as inference.generate uses: the grid shows the samples generation would give
+    # for these seeds, on any device (a CUDA generator draws other noise from the same seed)
+    gens = [torch.Generator("cpu").manual_seed(cfg.seed + i) for i in range(len(prompts))]
     kw = dict(num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.guidance_scale, generator=gens)
     with accelerator.autocast():
         if cfg.mode == "image":
@@ -448,6 +482,8 @@ def main(argv=None) -> None:
     cfg = parse_config(JointDiffusionConfig, argv, description=__doc__)
     if cfg.mode not in ("joint", "image"):
         die(f"--mode must be joint or image, got {cfg.mode!r}")
+    if cfg.augment_views not in AUGMENT_VIEWS:
+        die(f"--augment_views must be one of {', '.join(AUGMENT_VIEWS)}, got {cfg.augment_views!r}")
     if cfg.use_8bit_adam and not torch.cuda.is_available():
         die("use_8bit_adam needs bitsandbytes and a CUDA GPU; on CPU pass --use_8bit_adam false")
     mixed = cfg.mixed_precision
@@ -488,7 +524,7 @@ def main(argv=None) -> None:
 
     data = build_latent_source(cfg, info, models, accelerator, run)
     batches = LatentBatches(data, cfg.train_batch_size, accelerator.num_processes, accelerator.process_index,
-                            cfg.seed, cfg.augment)
+                            cfg.seed, num_views(cfg))
     if batches.steps_per_epoch == 0:
         die(f"{cfg.dataset}/{cfg.split}: {len(data)} items is fewer than one global batch "
             f"({cfg.train_batch_size} x {accelerator.num_processes} processes)")
