@@ -94,6 +94,7 @@ class JointDiffusionConfig:
 # ---- data: what a training item becomes (cached latents or images encoded on the fly) ----------
 
 CACHE_VERSION = 1
+CACHE_SHARD_ITEMS = 1024
 AUGMENT_VIEWS = {"flip": 2, "dihedral": 8}
 
 
@@ -109,11 +110,11 @@ def num_views(cfg) -> int:
     return AUGMENT_VIEWS[cfg.augment_views] if cfg.augment else 1
 
 
-def _view_suffixes(cfg) -> list[str]:
+def _cached_views(cfg) -> list[tuple[str, int]]:
+    """(cache-key suffix, ``dihedral_view`` index) of each cached copy, in row order."""
     if not cfg.augment:
-        return [""]
-    return ["", "_flip"] if cfg.augment_views == "flip" else [""] + [f"_d{k}" for k in range(1, 8)]
-CACHE_SHARD_ITEMS = 1024
+        return [("", 0)]
+    return [("", 0), ("_flip", 4)] if cfg.augment_views == "flip" else [("", 0)] + [(f"_d{k}", k) for k in range(1, 8)]
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -225,12 +226,8 @@ def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, device, dty
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
                                          batch_size=cfg.cache_batch_size, num_workers=cfg.dataloader_num_workers)
     for batch in loader:
-        views = [("", batch["image"], batch["mask"])]
-        if cfg.augment and cfg.augment_views == "flip":
-            views.append(("_flip", batch["image"].flip(-1), batch["mask"].flip(-1)))
-        elif cfg.augment:
-            views += [(f"_d{k}", dihedral_view(batch["image"], k), dihedral_view(batch["mask"], k)) for k in range(1, 8)]
-        for suffix, image, mask in views:
+        for suffix, k in _cached_views(cfg):
+            image, mask = dihedral_view(batch["image"], k), dihedral_view(batch["mask"], k)
             mean, std = encode_images(models["vae"], image, device, dtype)
             parts.setdefault("image_mean" + suffix, []).append(mean.to(dtype).cpu())
             parts.setdefault("image_std" + suffix, []).append(std.to(dtype).cpu())
@@ -286,7 +283,7 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
         run.log(f"reusing the latent cache in {cache_dir}")
     loaded = [load_file(str(cache_dir / f"shard-{k:05d}.safetensors")) for k, _, _ in shards]
     tensors = {}
-    suffixes = _view_suffixes(cfg)
+    suffixes = [suffix for suffix, _ in _cached_views(cfg)]
     for key in ("image_mean", "image_std", "label", "input_ids"):
         if key not in loaded[0]:
             continue
