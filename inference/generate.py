@@ -96,7 +96,7 @@ def make_scheduler(name: str, config):
     from models.pipeline_jodiffusion import LATENT_SAMPLER_DEFAULTS
 
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
-    # pipelines saved before their scheduler config held clip_sample: DDIM must not clip latents
+    # a config that did not come through JoDiffusionPipeline (which fills these in): DDIM must not clip latents
     config = {**LATENT_SAMPLER_DEFAULTS, **dict(config)}
     return getattr(diffusers, classes[name]).from_config(config, **extra)
 

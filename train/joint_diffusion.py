@@ -95,7 +95,7 @@ class JointDiffusionConfig:
 
 CACHE_VERSION = 1
 CACHE_SHARD_ITEMS = 1024
-AUGMENT_VIEWS = {"flip": 2, "dihedral": 8}
+AUGMENT_VIEWS = ("flip", "dihedral")
 
 
 def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,7 +107,7 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def num_views(cfg) -> int:
     """Cached copies of each item: 1 without augmentation, 2 with flips, 8 with dihedral views."""
-    return AUGMENT_VIEWS[cfg.augment_views] if cfg.augment else 1
+    return len(_cached_views(cfg))
 
 
 def _cached_views(cfg) -> list[tuple[str, int]]:
@@ -213,7 +213,7 @@ def _cache_fingerprint(cfg, info, dataset, models: dict, dtype) -> str:
                 text=len(models["tokenizer"].get_vocab()), max_length=models["tokenizer"].model_max_length)
     if models["label_vae"] is not None:
         desc.update(label_vae=_weights_checksum(models["label_vae"]), label_scaling=models["label_vae"].config.scaling_factor)
-    if num_views(cfg) != (2 if cfg.augment else 1):  # caches made before there was a choice keep their fingerprint
+    if cfg.augment and cfg.augment_views != "flip":  # caches made before there was a choice keep their fingerprint
         desc.update(views=cfg.augment_views)
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -252,7 +252,7 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
     except (DatasetError, ValueError) as e:
         die(str(e))
     if not cfg.cache_latents:
-        return ImageSource(dataset, models, cfg.dataloader_num_workers, dihedral=num_views(cfg) == 8)
+        return ImageSource(dataset, models, cfg.dataloader_num_workers, dihedral=cfg.augment and cfg.augment_views == "dihedral")
 
     dtype = next(models["vae"].parameters()).dtype
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache")
