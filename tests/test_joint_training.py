@@ -252,3 +252,27 @@ def test_dihedral_augmentation_caches_eight_views_and_trains_on_all_of_them(worl
     with pytest.raises(SystemExit):
         joint_diffusion.main(common + ["--output_dir", str(world / "bad"), "--augment_views", "rot45"])
     assert "--augment_views must be one of flip, dihedral" in capsys.readouterr().err
+
+
+def test_steps_skipped_by_fp16_loss_scaling_are_logged(world, monkeypatch):
+    """fp16 needs a GPU, so the GradScaler's verdict is faked: optimiser steps 1-3 'overflowed'."""
+    from accelerate import Accelerator
+
+    from train import joint_diffusion
+
+    calls = {"n": 0}
+
+    def was_skipped(self):
+        calls["n"] += 1
+        return calls["n"] <= 3
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(was_skipped))
+    out = world / "skips"
+    joint_diffusion.main(CPU_FAST + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                                     "--label_vae", str(world / "label_vae"), "--output_dir", str(out), "--train_batch_size", "8", "--max_train_steps", "4",
+                                     "--logging_steps", "2", "--checkpointing_steps", "0",
+                                     "--num_validation_images", "0"])
+    assert [r.get("skipped_steps", 0) for r in read_jsonl(out / "metrics.jsonl")] == [2, 1]
+    log = (out / "log.txt").read_text()
+    assert "step 2: 2 optimiser step(s) since the last log line were skipped" in log
+    assert "3 optimiser steps in all were skipped by fp16 loss scaling" in log

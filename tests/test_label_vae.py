@@ -205,3 +205,24 @@ def test_bad_options_exit_with_a_message(toy_root, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(_argv(toy_root, tmp_path / "bad", **bad))
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_steps_skipped_by_fp16_loss_scaling_are_logged(toy_root, tmp_path, monkeypatch):
+    """fp16 needs a GPU, so the GradScaler's verdict is faked: steps 2 and 3 'overflowed'."""
+    from accelerate import Accelerator
+
+    from train.label_vae import main
+
+    calls = {"n": 0}
+
+    def was_skipped(self):
+        calls["n"] += 1
+        return calls["n"] in (2, 3)
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(was_skipped))
+    out = tmp_path / "run"
+    main(_argv(toy_root, out, max_train_steps=6, logging_steps=2))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert {r["step"]: r.get("skipped_steps", 0) for r in rows} == {1: 0, 2: 1, 4: 1, 6: 0}
+    log = (out / "log.txt").read_text()
+    assert "2 optimiser steps in all were skipped by fp16 loss scaling" in log

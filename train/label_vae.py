@@ -198,6 +198,7 @@ def main(argv=None) -> Path:
     bar = tqdm(total=max_steps, initial=global_step, desc="label VAE", disable=not accelerator.is_main_process)
     first_epoch, skip = global_step // steps_per_epoch, (global_step % steps_per_epoch) * accum
     model.train()
+    skipped, skipped_total = 0, 0  # optimiser steps fp16 loss scaling skipped: since the last log line, in all
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_steps:
             break
@@ -229,6 +230,9 @@ def main(argv=None) -> Path:
                 micro += 1
             if not accelerator.sync_gradients:
                 continue
+            if accelerator.optimizer_step_was_skipped:  # GradScaler found inf/nan gradients
+                skipped += 1
+                skipped_total += 1
             global_step += 1
             bar.update(1)
             loss_value = accelerator.reduce(loss_sum, "mean").item() / micro
@@ -236,7 +240,13 @@ def main(argv=None) -> Path:
             micro = 0
             bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
             if global_step % cfg.logging_steps == 0 or global_step == 1:
-                run.log_metrics(step=global_step, epoch=epoch, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
+                row = dict(step=global_step, epoch=epoch, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
+                if skipped:
+                    row["skipped_steps"] = skipped
+                    run.log(f"step {global_step}: {skipped} optimiser step(s) since the last log line were skipped "
+                            "(inf/nan gradients under fp16 loss scaling)")
+                    skipped = 0
+                run.log_metrics(**row)
             if global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit, log=run.log)
             if global_step % cfg.validation_steps == 0 or global_step == max_steps:
@@ -250,6 +260,9 @@ def main(argv=None) -> Path:
             if global_step >= max_steps:
                 break
     bar.close()
+    if skipped_total:
+        run.log(f"{skipped_total} optimiser steps in all were skipped by fp16 loss scaling; a few at the start are "
+                "normal (the scale is being found), many later mean the loss overflows fp16: try bf16")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
