@@ -235,22 +235,56 @@ def image_mask_consistency(gen_dir: Path, seg_config: str, seg_work_dir: Path, m
     images: does the mask describe what the image shows?"""
     from PIL import Image
 
+    from dataset.toy_shapes import caption_labels
     from models.segmenter import predict
     from utils.metrics import IoUAccumulator
 
     info = _toy_info()
-    names = [r["name"] for r in read_jsonl(gen_dir / "manifest.jsonl")][:max_pairs]
+    rows = read_jsonl(gen_dir / "manifest.jsonl")[:max_pairs]
     img_dir = gen_dir / "img_dir" / "train"
     images = []
-    for n in names:
-        p = next(img_dir.glob(f"{n}.*"))
+    for r in rows:
+        p = next(img_dir.glob(f"{r['name']}.*"))
         images.append(np.asarray(Image.open(p).convert("RGB")))
     preds = predict(seg_config, _last_checkpoint(seg_work_dir), images)
     acc = IoUAccumulator(info.num_labels, info.ignore_index)
-    for n, pred in zip(names, preds):
-        acc.update(pred, _read_mask(gen_dir / "ann_dir" / "train" / f"{n}.png"))
+    by_count: dict[int, list] = {}  # number of classes the prompt names -> [accumulator, pairs]
+    for r, pred in zip(rows, preds):
+        mask = _read_mask(gen_dir / "ann_dir" / "train" / f"{r['name']}.png")
+        acc.update(pred, mask)
+        tally = by_count.setdefault(len(caption_labels(r["prompt"])),
+                                    [IoUAccumulator(info.num_labels, info.ignore_index), 0])
+        tally[0].update(pred, mask)
+        tally[1] += 1
     r = acc.result()
-    return {"pairs": len(names), "mIoU": r["mIoU"], "per_class_IoU": r["per_class_IoU"]}
+    return {"pairs": len(rows), "mIoU": r["mIoU"], "per_class_IoU": r["per_class_IoU"],
+            "by_named_classes": {str(k): {"pairs": v[1], "mIoU": v[0].result()["mIoU"]}
+                                 for k, v in sorted(by_count.items())}}
+
+
+def real_val_confusion(toy_root: Path, seg_config: str, seg_work_dir: Path, top: int = 3) -> dict:
+    """What a segmenter calls each class on the real val split: the share of each true class's
+    pixels given each label (rows: truth, columns: prediction) and the largest confusions."""
+    from PIL import Image
+
+    from models.segmenter import predict
+
+    info = _toy_info()
+    masks = sorted((toy_root / "ann_dir" / "val").glob("*.png"))
+    images = [np.asarray(Image.open(next((toy_root / "img_dir" / "val").glob(f"{m.stem}.*"))).convert("RGB"))
+              for m in masks]
+    preds = predict(seg_config, _last_checkpoint(seg_work_dir), images)
+    k = info.num_labels
+    counts = np.zeros((k, k), np.int64)
+    for m, pred in zip(masks, preds):
+        truth = _read_mask(m).astype(np.int64)
+        keep = truth != info.ignore_index
+        np.add.at(counts, (truth[keep], np.asarray(pred, np.int64)[keep]), 1)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    names = list(info.seg_classes)
+    pairs = sorted(((shares[i, j], i, j) for i in range(1, k) for j in range(k) if i != j), reverse=True)[:top]
+    return {"classes": names, "share_of_true_pixels": shares.round(4).tolist(),
+            "largest": [{"truth": names[i], "predicted": names[j], "share": float(v)} for v, i, j in pairs]}
 
 
 def _seg_result(work_dir: Path) -> dict:
@@ -305,6 +339,8 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
     }
     seg_real_dir = p["seg"] / "real"
     report["image_mask_consistency"]["jodiffusion"] = image_mask_consistency(p["gen"], cfg.seg_config, seg_real_dir)
+    report["real_val_confusion"] = {name: real_val_confusion(Path(p["toy"]), cfg.seg_config, p["seg"] / name)
+                                    for name in res["train_sets"]}
     for t in cfg.optim_thresholds:
         d = Path(f"{p['gen']}_optim{t}")
         stats_file = d / "mask_optimization.json"
@@ -373,6 +409,12 @@ def render_markdown(r: dict, info) -> str:
         vals = [pcs.get(c) if isinstance(pcs, dict) else None for c in info.seg_classes]
         lines.append(f"| {name} | {_fmt(row['mIoU'])} | {_fmt(row['ratio_to_real'])} | "
                      + " | ".join(_fmt(v) for v in vals) + " |")
+    confusion = r.get("real_val_confusion") or {}
+    if confusion:
+        lines += ["", "Largest confusions on real val (share of the true class's pixels given another label):"]
+        for name, c in confusion.items():
+            lines.append(f"- {name}: " + ", ".join(f"{x['truth']} -> {x['predicted']} {100 * x['share']:.0f}%"
+                                                   for x in c["largest"]))
     real = r["segmentation"].get("real", {}).get("mIoU") or 0.0
     if real < 0.85:
         lines += ["", f"**Caution:** the real-trained segmenter reached only {real:.3f} mIoU (< 0.85), so it has not "
@@ -389,6 +431,11 @@ def render_markdown(r: dict, info) -> str:
                  for k, v in (a.get("by_named_classes") or {}).items()]
         if parts:
             lines.append(f"\n{g} agreement by prompt: " + "; ".join(parts) + ".")
+    for g, c in r["image_mask_consistency"].items():
+        parts = [f"{k} named class{'es' if k != '1' else ''}: {_fmt(v['mIoU'])} ({v['pairs']} pairs)"
+                 for k, v in (c.get("by_named_classes") or {}).items()]
+        if parts:
+            lines.append(f"\n{g} consistency by prompt: " + "; ".join(parts) + ".")
     lines += ["", "Prompt-mask agreement: share of pairs whose mask holds exactly the classes the prompt names. "
               "Image-mask consistency: mIoU between the generated mask and the real-trained segmenter's "
               "prediction on the generated image.", "", "## Mask optimization (JoDiffusion pairs)", "",

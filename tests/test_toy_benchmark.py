@@ -5,7 +5,14 @@ import sys
 import numpy as np
 import pytest
 
-from bench.toy_benchmark import Chain, ToyBenchmarkConfig, prompt_mask_agreement, render_markdown
+from bench.toy_benchmark import (
+    Chain,
+    ToyBenchmarkConfig,
+    image_mask_consistency,
+    prompt_mask_agreement,
+    real_val_confusion,
+    render_markdown,
+)
 from dataset import get_dataset_info
 from utils.io import RunDir, save_image_atomic
 
@@ -74,9 +81,65 @@ def test_report_flags_a_real_segmenter_that_did_not_learn():
                                                "prompt_mask_agreement": 0.6}},
         "pictures": [], "loss_curves": {}, "stage_seconds": {"a": 1.0},
     }
+    report["image_mask_consistency"]["jodiffusion"]["by_named_classes"] = {"1": {"pairs": 3, "mIoU": 0.5}}
+    report["real_val_confusion"] = {"jodiffusion": {"largest": [{"truth": "triangle", "predicted": "star",
+                                                                 "share": 0.25}]}}
     md = render_markdown(report, info)
+    assert "- jodiffusion: triangle -> star 25%" in md
+    assert "jodiffusion consistency by prompt: 1 named class: 0.500 (3 pairs)." in md
     assert "| jodiffusion | 0.300 | 0.750 |" in md
     assert "Caution" in md and "0.400" in md
     assert "| 50 | 7 | 2 | 0.600 |" in md
     report["segmentation"]["real"]["mIoU"] = 0.9
     assert "Caution" not in render_markdown(report, info)
+
+
+def _fake_predict(monkeypatch, outputs):
+    """models.segmenter.predict returning fixed label maps (the metrics, not a model, are under test)."""
+    import models.segmenter
+
+    def predict(config, checkpoint, images):
+        assert len(images) == len(outputs) and all(im.ndim == 3 and im.shape[2] == 3 for im in images)
+        return [o.copy() for o in outputs]
+
+    monkeypatch.setattr(models.segmenter, "predict", predict)
+
+
+def test_real_val_confusion_reports_what_each_true_class_is_called(tmp_path, monkeypatch):
+    root, work = tmp_path / "toy", tmp_path / "seg"
+    work.mkdir()
+    (work / "iter_1.pth").write_bytes(b"")  # the checkpoint _last_checkpoint finds; predict is faked
+    a = np.zeros((8, 8), np.uint8); a[0:2, 0:2] = 3; a[4:6, 4:6] = 1; a[7, 7] = 255  # triangle, circle, ignore
+    b = np.zeros((8, 8), np.uint8); b[2:4, 2:6] = 2  # a square of 8 px
+    for name, m in (("a", a), ("b", b)):
+        save_image_atomic(root / "ann_dir" / "val" / f"{name}.png", m)
+        save_image_atomic(root / "img_dir" / "val" / f"{name}.png", np.full((8, 8, 3), 90, np.uint8))
+    pa = a.copy(); pa[pa == 3] = 5; pa[7, 7] = 4  # every triangle pixel called star; the ignore pixel does not count
+    pb = b.copy(); pb[2:4, 2:4] = 3  # half the square called triangle
+    _fake_predict(monkeypatch, [pa, pb])
+    r = real_val_confusion(root, "unused.py", work)
+    shares = np.asarray(r["share_of_true_pixels"])
+    names = r["classes"]
+    tri, star, sq, circ = (names.index(c) for c in ("triangle", "star", "square", "circle"))
+    assert shares[tri, star] == 1.0 and shares[sq, tri] == 0.5 and shares[circ, circ] == 1.0
+    assert np.allclose(shares[[circ, sq, tri]].sum(1), 1.0)
+    assert r["largest"][:2] == [{"truth": "triangle", "predicted": "star", "share": 1.0},
+                                {"truth": "square", "predicted": "triangle", "share": 0.5}]
+
+
+def test_image_mask_consistency_is_also_scored_by_prompt_size(tmp_path, monkeypatch):
+    work, gen_dir = tmp_path / "seg", tmp_path / "gen"
+    work.mkdir()
+    gen_dir.mkdir()
+    (work / "iter_1.pth").write_bytes(b"")
+    one = np.zeros((8, 8), np.uint8); one[1:4, 1:4] = 2
+    two = np.zeros((8, 8), np.uint8); two[1:4, 1:4] = 1; two[5:7, 5:7] = 5
+    gen = _generated_folder(gen_dir, [("a green square on a noisy background", one),
+                                               ("a red circle and a blue star on a striped background", two)])
+    for name in ("000000", "000001"):
+        save_image_atomic(gen / "img_dir" / "train" / f"{name}.png", np.full((8, 8, 3), 50, np.uint8))
+    _fake_predict(monkeypatch, [one, np.zeros_like(two)])  # right on the one-shape pair, blind on the other
+    r = image_mask_consistency(gen, "unused.py", work)
+    assert r["pairs"] == 2
+    assert r["by_named_classes"]["1"] == {"pairs": 1, "mIoU": 1.0}
+    assert r["by_named_classes"]["2"]["pairs"] == 1 and r["by_named_classes"]["2"]["mIoU"] < 0.5
