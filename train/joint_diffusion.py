@@ -32,7 +32,13 @@ from tqdm import tqdm
 
 from models.joint_unet import joint_epsilon_loss, min_snr_weights, widen_unet_for_labels
 from utils.config import die, parse_config
-from utils.checkpoints import checkpoint_step, find_checkpoint, load_training_state, save_checkpoint
+from utils.checkpoints import (
+    SkippedSteps,
+    checkpoint_step,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from utils.io import RunDir
 
 
@@ -566,8 +572,7 @@ def main(argv=None) -> None:
             ema_unet.restore(model.parameters())
 
     sums = torch.zeros(3, device=accelerator.device)  # loss, image_loss, label_loss since the last log line
-    # optimiser steps that fp16 loss scaling skipped (inf/nan gradients): since the last log line, in all
-    skipped, skipped_total = 0, 0
+    skipped = SkippedSteps()
     count, t_log = 0, time.time()
     bar = tqdm(total=max_steps, initial=global_step, desc=f"{cfg.mode} diffusion", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
@@ -603,9 +608,7 @@ def main(argv=None) -> None:
         count += 1
         if not accelerator.sync_gradients:
             continue
-        if accelerator.optimizer_step_was_skipped:  # GradScaler found inf/nan gradients and lowered its scale
-            skipped += 1
-            skipped_total += 1
+        skipped.update(accelerator)
         if ema_unet is not None:
             ema_unet.step(unet.parameters())
         global_step += 1
@@ -616,11 +619,7 @@ def main(argv=None) -> None:
                        sec_per_step=(time.time() - t_log) / max(1, count / cfg.gradient_accumulation_steps))
             if cfg.mode == "joint":
                 row["label_loss"] = means[2]
-            if skipped:
-                row["skipped_steps"] = skipped
-                run.log(f"step {global_step}: {skipped} optimiser step(s) since the last log line were skipped "
-                        "(inf/nan gradients under fp16 loss scaling)")
-                skipped = 0
+            skipped.flush(row, run, global_step)
             run.log_metrics(**row)
             bar.set_postfix(loss=f"{means[0]:.4f}")
             sums.zero_()
@@ -630,9 +629,7 @@ def main(argv=None) -> None:
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < max_steps:
             run_validation(global_step)
     bar.close()
-    if skipped_total:
-        run.log(f"{skipped_total} optimiser steps in all were skipped by fp16 loss scaling; a few at the start are "
-                "normal (the scale is being found), many later mean the loss overflows fp16: try bf16")
+    skipped.summary(run)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

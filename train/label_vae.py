@@ -23,7 +23,13 @@ from dataset import DATASET_NAMES, get_dataset_info
 from models.label_vae import (MODEL_TYPES, PAPER_SCALING_FACTOR, bit_encode, build_label_vae,
                               decode_latents_to_masks, encode_masks, measure_latent_stats)
 from utils.config import die, parse_config
-from utils.checkpoints import checkpoint_step, find_checkpoint, load_training_state, save_checkpoint
+from utils.checkpoints import (
+    SkippedSteps,
+    checkpoint_step,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from utils.io import RunDir, atomic_write_json
 from utils.metrics import IoUAccumulator
 from utils.visualize import colorize, error_map, save_grid
@@ -198,7 +204,7 @@ def main(argv=None) -> Path:
     bar = tqdm(total=max_steps, initial=global_step, desc="label VAE", disable=not accelerator.is_main_process)
     first_epoch, skip = global_step // steps_per_epoch, (global_step % steps_per_epoch) * accum
     model.train()
-    skipped, skipped_total = 0, 0  # optimiser steps fp16 loss scaling skipped: since the last log line, in all
+    skipped = SkippedSteps()
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_steps:
             break
@@ -230,9 +236,7 @@ def main(argv=None) -> Path:
                 micro += 1
             if not accelerator.sync_gradients:
                 continue
-            if accelerator.optimizer_step_was_skipped:  # GradScaler found inf/nan gradients
-                skipped += 1
-                skipped_total += 1
+            skipped.update(accelerator)
             global_step += 1
             bar.update(1)
             loss_value = accelerator.reduce(loss_sum, "mean").item() / micro
@@ -241,11 +245,7 @@ def main(argv=None) -> Path:
             bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
             if global_step % cfg.logging_steps == 0 or global_step == 1:
                 row = dict(step=global_step, epoch=epoch, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
-                if skipped:
-                    row["skipped_steps"] = skipped
-                    run.log(f"step {global_step}: {skipped} optimiser step(s) since the last log line were skipped "
-                            "(inf/nan gradients under fp16 loss scaling)")
-                    skipped = 0
+                skipped.flush(row, run, global_step)
                 run.log_metrics(**row)
             if global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit, log=run.log)
@@ -260,9 +260,7 @@ def main(argv=None) -> Path:
             if global_step >= max_steps:
                 break
     bar.close()
-    if skipped_total:
-        run.log(f"{skipped_total} optimiser steps in all were skipped by fp16 loss scaling; a few at the start are "
-                "normal (the scale is being found), many later mean the loss overflows fp16: try bf16")
+    skipped.summary(run)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -2,7 +2,8 @@
 
 A checkpoint appears complete or not at all (written to a temporary name, then renamed), only the
 newest ``limit`` are kept, ``latest`` finds the newest, and resuming from a checkpoint written with
-other model sizes stops with one line instead of a traceback.
+other model sizes stops with one line instead of a traceback. ``SkippedSteps`` is the two trainers'
+count of optimiser steps that fp16 loss scaling skipped.
 """
 from __future__ import annotations
 
@@ -66,3 +67,30 @@ def load_training_state(accelerator, ckpt: Path) -> None:
         die(f"{ckpt}: cannot resume: its weights do not fit the model built from the current settings "
             f"({first}). It was written with other settings; use a new --output_dir or delete the run's "
             "checkpoint-* folders.")
+
+
+class SkippedSteps:
+    """Optimiser steps that fp16 loss scaling skipped (the GradScaler found inf/nan gradients and
+    lowered its scale): counted per logging window and in all."""
+
+    def __init__(self):
+        self.window = self.total = 0
+
+    def update(self, accelerator) -> None:
+        """Call once per optimiser step (after ``optimizer.step()``, when gradients were synced)."""
+        if accelerator.optimizer_step_was_skipped:
+            self.window += 1
+            self.total += 1
+
+    def flush(self, row: dict, run, step: int) -> None:
+        """Add ``skipped_steps`` to a metrics row (and a line to the run log) when the window had any."""
+        if self.window:
+            row["skipped_steps"] = self.window
+            run.log(f"step {step}: {self.window} optimiser step(s) since the last log line were skipped "
+                    "(inf/nan gradients under fp16 loss scaling)")
+            self.window = 0
+
+    def summary(self, run) -> None:
+        if self.total:
+            run.log(f"{self.total} optimiser steps in all were skipped by fp16 loss scaling; a few at the start are "
+                    "normal (the scale is being found), many later mean the loss overflows fp16: try bf16")
