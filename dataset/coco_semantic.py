@@ -4,11 +4,22 @@
 Edit ``data_root`` below (or pass ``--data_root`` to any stage).
 
     data/coco/
-      images/{train2017,val2017}/*.jpg
+      images/{train2017,val2017}/*.jpg          # or train2017/, val2017/ directly under the root
       annotations/instances_{train,val}2017.json, captions_{train,val}2017.json
       semantic_80/{train2017,val2017}/*.png     # 0 background, 1..80 classes, 255 crowd
       captions/{train2017,val2017}.json         # first COCO caption per image
+
+Two image layouts are accepted: ``images/train2017/`` (MMSegmentation's), and the official
+archives unzipped in place (``train2017.zip``, ``val2017.zip`` and
+``annotations_trainval2017.zip`` give ``train2017/``, ``val2017/`` and ``annotations/`` side by
+side). The rule, per split, when the root is set (``get_dataset_info("coco", root)``): if
+``<root>/images/<split>`` is not a folder and ``<root>/<split>`` is, the images are read from
+the latter. Everything else (``annotations/``, ``semantic_80/``, ``captions/``) sits under the root
+in both layouts.
 """
+import dataclasses
+from pathlib import Path
+
 from dataset.base import DatasetInfo, SplitSpec, make_palette
 
 data_root = "data/coco"
@@ -36,7 +47,32 @@ COCO_CATEGORY_IDS = (
 )
 assert len(COCO_CATEGORY_IDS) == 80
 
-INFO = DatasetInfo(
+IMAGES_DIR = "images"  # the images/<split> layout; without it, <split> directly under the root
+IMAGE_SPLITS = ("train2017", "val2017")  # the folders the official image archives unzip to
+
+
+def resolve_image_dirs(info: DatasetInfo) -> DatasetInfo:
+    """``info`` with each split's ``img_dir`` pointing at the layout found under its root (docstring)."""
+    root = Path(info.data_root)
+    splits = {}
+    for key, spec in info.splits.items():
+        parts = Path(spec.img_dir).parts
+        if parts[-1] in IMAGE_SPLITS and parts[:-1] in ((), (IMAGES_DIR,)):  # not a custom folder
+            nested, flat = f"{IMAGES_DIR}/{parts[-1]}", parts[-1]
+            use_flat = not (root / nested).is_dir() and (root / flat).is_dir()
+            spec = dataclasses.replace(spec, img_dir=flat if use_flat else nested)
+        splits[key] = spec
+    return info if splits == info.splits else dataclasses.replace(info, splits=splits)
+
+
+class CocoInfo(DatasetInfo):
+    """COCO's description: setting the root also picks the image layout found there."""
+
+    def with_root(self, data_root) -> DatasetInfo:
+        return resolve_image_dirs(super().with_root(data_root))
+
+
+INFO = CocoInfo(
     name="coco",
     classes=CLASSES,
     palette=make_palette(len(CLASSES)),

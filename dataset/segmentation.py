@@ -3,18 +3,27 @@
     from dataset import get_dataset_info
     from dataset.segmentation import SegmentationDataset
     ds = SegmentationDataset(get_dataset_info("toy"), "train", size=32, augment=True)
-    item = ds[0]  # {"image": 3x32x32 in [-1, 1], "mask": 32x32 int64, "caption": str, "name": str}
+    item = ds[0]  # {"image": 3x32x32 in [-1, 1], "mask": 32x32 int64, "caption": str, "name": str,
+                  #  "skipped": ""}
 
 Masks stay in the annotation label space of ``dataset/base.py`` (0 background, 1..K, 255
-ignore). The folder layout and the image/mask pairing are checked when the dataset is built;
-each file's content (readable, sizes agree, labels in range) is checked when the item is read,
-so building a dataset over 100k files stays fast. Every problem raises ``DatasetError`` with
-the file it is about.
+ignore). Bad data is found in two places:
+
+* when the dataset is built (before any training): the folders, the image/mask pairing, and
+  every file's header (readable, image and mask sizes agree, masks single-channel) -- header
+  reads only, no decoding, so a 100k-file dataset is checked in seconds. Problems raise
+  ``DatasetError("<path>: <problem>")``.
+* when an item is read: a file that turns out corrupt (truncated data, labels outside 0..K
+  and not the ignore value) is skipped: the next good item (index+1, +2, ...) takes its place
+  and carries ``item["skipped"] = "<path>: <problem>"`` (good items carry ``""``) so the
+  trainer can count and log it. Once more than ``max_bad_fraction`` of the items have been
+  bad in this process, reading raises ``DatasetError``. ``load(index)`` reads strictly.
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -25,10 +34,16 @@ from PIL import Image
 from dataset.base import DatasetInfo
 
 CAPTION_MODES = ("auto", "class_names", "file")
+# what PIL raises for a broken or truncated file (plugins differ), and for an absurd pixel count
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
-    """A dataset file or folder is missing or malformed; the message names it."""
+    """A dataset file or folder is missing or malformed; the one-line message names it.
+
+    Built from the message alone: a DataLoader worker's exception is re-raised in the main
+    process as ``type(exc)(message)``.
+    """
 
 
 def _root_hint(info: DatasetInfo) -> str:
@@ -47,7 +62,7 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except _PIL_ERRORS as e:
         raise DatasetError(f"{path}: cannot read image ({e})") from None
 
 
@@ -62,7 +77,7 @@ def read_mask(path: str | Path, info: DatasetInfo | None = None) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+            if mode in _COLOUR_MODES:
                 raise DatasetError(
                     f"{path}: mask has mode {mode}; masks must be single-channel class indices "
                     "(mode L or P), not colours")
@@ -71,7 +86,7 @@ def read_mask(path: str | Path, info: DatasetInfo | None = None) -> np.ndarray:
         raise DatasetError(f"{path}: mask file not found") from None
     except DatasetError:
         raise
-    except (OSError, ValueError, SyntaxError) as e:
+    except _PIL_ERRORS as e:
         raise DatasetError(f"{path}: cannot read mask ({e})") from None
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -89,6 +104,21 @@ def read_mask(path: str | Path, info: DatasetInfo | None = None) -> np.ndarray:
     elif arr.size and (arr.min() < 0 or arr.max() > 255):
         raise DatasetError(f"{path}: mask values outside 0..255")
     return arr.astype(np.uint8)
+
+
+_COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr")
+
+
+def read_header(path: str | Path, kind: str = "image") -> tuple[tuple[int, int], str]:
+    """(width, height) and PIL mode from the file's header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {kind} file not found") from None
+    except _PIL_ERRORS as e:
+        raise DatasetError(f"{path}: cannot read {kind} ({e})") from None
 
 
 def load_captions(info: DatasetInfo, split: str) -> dict[str, str] | None:
@@ -161,16 +191,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
     captions: "file" (the split's caption JSON; every image must have one), "class_names"
               ("a photo of cat, sofa" from the labels in the returned mask) or "auto" (the
               file where it exists, class names for images it lacks).
+    max_bad_fraction: share of items that may turn out corrupt when read (skipped, see the
+              module docstring) before reading raises; at least one is always allowed.
+              Counted per process (each DataLoader worker counts the items it reads).
     """
 
     def __init__(self, info: DatasetInfo, split: str, size: int | None = None, augment: bool = False,
-                 captions: str = "auto", seed: int | None = 0):
+                 captions: str = "auto", seed: int | None = 0, max_bad_fraction: float = 0.01):
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
         if size is not None and size < 1:
             raise ValueError(f"size must be positive, got {size}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.info, self.split, self.size, self.augment = info, split, size, augment
         self.caption_mode, self.seed, self.epoch = captions, seed, 0
+        self.max_bad_fraction = max_bad_fraction
 
         root = info.root()
         if not root.is_dir():
@@ -206,15 +242,27 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 warnings.warn(f"{root / spec.caption_file}: {lacking} of {len(self.ids)} images have "
                               "no caption; they get class-name captions", stacklevel=2)
 
-        self._native_size = None
-        if size is None:
-            # the first image sets the native size; others are compared when read
-            first = self.image_path(0)
-            try:
-                with Image.open(first) as im:
-                    self._native_size = im.size
-            except (OSError, ValueError, SyntaxError) as e:
-                raise DatasetError(f"{first}: cannot read image ({e})") from None
+        self._native_size = self._check_headers()
+        self._bad: dict[int, str] = {}  # index -> "<path>: <problem>", in this process
+
+    def _check_headers(self) -> tuple[int, int] | None:
+        """Every image and mask header: readable, sizes agree, masks are class indices. Returns
+        the one size all images share when ``size`` is None."""
+        native = None
+        for index in range(len(self.ids)):
+            img_path, mask_path = self.image_path(index), self.mask_path(index)
+            img_size, _ = read_header(img_path, "image")
+            mask_size, mode = read_header(mask_path, "mask")
+            if mode in _COLOUR_MODES:
+                raise DatasetError(f"{mask_path}: mask has mode {mode}; masks must be single-channel "
+                                   "class indices (mode L or P), not colours")
+            if img_size != mask_size:
+                raise DatasetError(_size_mismatch(img_path, img_size, mask_path, mask_size))
+            if self.size is None:
+                native = native or img_size
+                if img_size != native:
+                    raise DatasetError(_native_mismatch(img_path, img_size, self.image_path(0), native))
+        return native
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -228,14 +276,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def bad_files(self) -> dict[str, str]:
+        """{image id: "<path>: <problem>"} of the items found corrupt so far in this process."""
+        return {self.ids[i]: p for i, p in sorted(self._bad.items())}
+
     def caption(self, index: int, mask: np.ndarray | None = None) -> str:
         """The image's caption: from the file, else named after the labels of ``mask``
-        (the whole annotation when not given)."""
+        (the whole annotation when not given; a corrupt one gives the next good item's)."""
         name = self.ids[index]
         if self.captions is not None and name in self.captions:
             return self.captions[name]
         if mask is None:
-            mask = read_mask(self.mask_path(index), self.info)
+            _, mask, _ = self._first_good(index, lambda j: read_mask(self.mask_path(j), self.info))
         return self.info.class_name_caption(np.unique(mask))
 
     def _random(self, index: int):
@@ -266,18 +319,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image, mask = image[:, ::-1], mask[:, ::-1]
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
-    def __getitem__(self, index: int) -> dict:
+    def load(self, index: int) -> dict:
+        """The item at ``index``, decoded and checked in full; DatasetError if it is corrupt."""
         img_path, mask_path = self.image_path(index), self.mask_path(index)
         image = read_image(img_path)
         mask = read_mask(mask_path, self.info)
-        if image.shape[:2] != mask.shape:
-            raise DatasetError(f"{img_path}: image is {image.shape[1]}x{image.shape[0]} but its mask "
-                               f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}")
-        if self.size is None and (image.shape[1], image.shape[0]) != self._native_size:
-            w0, h0 = self._native_size
-            raise DatasetError(f"{img_path}: image is {image.shape[1]}x{image.shape[0]} but "
-                               f"{self.image_path(0)} is {w0}x{h0}; images of different sizes "
-                               "need a size (e.g. size=512) to be resized to")
+        img_size, mask_size = (image.shape[1], image.shape[0]), (mask.shape[1], mask.shape[0])
+        if img_size != mask_size:
+            raise DatasetError(_size_mismatch(img_path, img_size, mask_path, mask_size))
+        if self.size is None and img_size != self._native_size:
+            raise DatasetError(_native_mismatch(img_path, img_size, self.image_path(0), self._native_size))
         image, mask = self._transform(image, mask, index)
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0),
@@ -286,3 +337,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "caption": self.caption(index, mask),
             "name": self.ids[index],
         }
+
+    def __getitem__(self, index: int) -> dict:
+        """``load(index)``, or the next good item in its place with ``"skipped"`` naming the bad file."""
+        _, item, skipped = self._first_good(index, self.load)
+        item["skipped"] = skipped
+        return item
+
+    def _first_good(self, index: int, read):
+        """(j, read(j), problem of ``index`` or "") for the first j = index, index+1, ... that reads."""
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        problem = ""
+        for step in range(len(self)):
+            j = (index + step) % len(self)
+            if j in self._bad:  # files do not heal: skip it without reading it again
+                problem = problem or self._bad[j]
+                continue
+            try:
+                return j, read(j), problem
+            except DatasetError as e:
+                problem = problem or str(e)
+                self._note_bad(j, str(e))
+        raise DatasetError(f"{self.img_dir}: no readable item left ({len(self._bad)} of {len(self)} bad)")
+
+    def _note_bad(self, index: int, problem: str) -> None:
+        self._bad[index] = problem
+        allowed = max(1, int(self.max_bad_fraction * len(self)))
+        if len(self._bad) > allowed:
+            raise DatasetError(
+                f"{self.img_dir}: {len(self._bad)} of {len(self)} files bad, more than the allowed "
+                f"share (max_bad_fraction={self.max_bad_fraction}); latest {problem}")
+
+
+def _size_mismatch(img_path: Path, img_size, mask_path: Path, mask_size) -> str:
+    return (f"{img_path}: image is {img_size[0]}x{img_size[1]} but its mask {mask_path} is "
+            f"{mask_size[0]}x{mask_size[1]}")
+
+
+def _native_mismatch(img_path: Path, img_size, first_path: Path, first_size) -> str:
+    return (f"{img_path}: image is {img_size[0]}x{img_size[1]} but {first_path} is "
+            f"{first_size[0]}x{first_size[1]}; images of different sizes need a size (e.g. "
+            "size=512) to be resized to")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -178,6 +179,40 @@ class SyntheticWriter:
         if rows and preview_count > 0:
             write_preview(self.out, rows[:preview_count], info.palette, info.ignore_index)
         return meta
+
+
+def link_or_copy(src: str | Path, dst: str | Path, link: bool = True) -> None:
+    """Hard-link (or copy) ``src`` to ``dst`` through a temporary name, so ``dst`` is never partial.
+    Falls back to a copy across filesystems or where links are not allowed."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp{dst.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        if not link:
+            raise OSError("copy requested")
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_subset(src_dir: str | Path, out_dir: str | Path, rows: Sequence[dict], meta: dict,
+                 note: dict[str, Any]) -> dict:
+    """A finished synthetic set holding only ``rows`` (manifest records of ``src_dir``): images and
+    masks hard-linked, manifest, captions and ``dataset.json`` (with ``note`` as ``subset``) rewritten.
+    ``dataset.json`` is written last, so a folder that has it is complete; rerunning redoes it."""
+    src, out = Path(src_dir), Path(out_dir)
+    for r in rows:
+        for key in ("image", "mask"):
+            (out / r[key]).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(src / r[key], out / r[key])
+    (out / "dataset.json").unlink(missing_ok=True)
+    atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    split = meta.get("split", "train")
+    atomic_write_json(out / "captions" / f"{split}.json", {r["name"]: r.get("prompt", "") for r in rows})
+    sub = {**meta, "num_pairs": len(rows), "subset": {"of": str(src), **note}}
+    atomic_write_json(out / "dataset.json", sub)
+    return sub
 
 
 def write_preview(out_dir: str | Path, rows: list[dict], palette, ignore_index: int = 255,

@@ -2,28 +2,43 @@
 
     python -m inference.generate --pipeline runs/toy/jodiffusion --dataset toy --num_pairs 2000 \\
         --output_dir data/gen/toy
-    accelerate launch --num_processes 4 -m inference.generate --pipeline runs/voc/jodiffusion \\
-        --dataset voc --num_pairs 40000 --output_dir data/gen/voc
+    accelerate launch --num_processes 4 -m inference.generate --pipeline runs/voc/joint_5e5/pipeline \\
+        --dataset voc --num_pairs 40000 --output_dir data/synthetic/voc/jodiffusion
 
 Writes the mmseg layout of ``dataset/synthetic.py`` plus ``config.yaml`` and ``log.txt``.
 Pair ``i`` is seeded from ``pair_seed(seed, i)`` and computed in a batch fixed by the global
 index list, so the same seed gives the same bytes with any number of processes (same hardware
-and library versions; on CPU also the same ``--cpu_threads``: the thread count changes the
-order of float reductions, measured to flip pixels between 1 and 2 threads). A rerun of the
-same command skips finished pairs; ``--stop_after K`` stops each process after K new pairs
-(to split a long job, or to test resuming).
+and library versions). On CPU the thread count matters too: CPU kernels split their float
+reductions by thread, and 1 vs 2 threads flip pixels by a grey level. Launchers pick it from the
+process count (torchrun sets OMP_NUM_THREADS=1 for 2+ processes; one process, and accelerate's
+multi-CPU state when OMP_NUM_THREADS is unset, take every core), so on CPU this entry point sets
+torch's threads itself to ``--cpu_threads`` (default 1), after the launcher's state is built and
+before any model work. ``--cpu_threads 0`` keeps the launcher's choice: faster on many cores,
+but the bytes then depend on the process count. GPU runs are unaffected.
+A rerun of the same command skips finished pairs; ``--stop_after K`` stops each process after
+K new pairs (to split a long job, or to test resuming).
+
+Bad input (a missing or incomplete pipeline folder, a truncated weights file, a label VAE made
+for another dataset, an empty prompt file, a broken caption file) stops with one line naming the
+file before anything is loaded or written.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from tqdm import tqdm
 
 from dataset import DATASET_NAMES, get_dataset_info
+from dataset.segmentation import DatasetError, load_captions
 from dataset.synthetic import SyntheticWriter, batches, pair_seed, repeat_shuffled, shard
+from models.pipeline_jodiffusion import LATENT_SAMPLER_DEFAULTS, JoDiffusionPipeline
 from utils.config import config_to_dict, die, parse_config
-from utils.io import RunDir
+from utils.io import RunDir, check_pipeline_folder
 
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "euler_ancestral", "unipc", "pndm")
 
@@ -54,16 +69,19 @@ class GenerateConfig:
     image_format: str = field(default="png", metadata={"help": "png or jpg"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU, fp32 on CPU), no, fp16, bf16"})
     stop_after: int | None = field(default=None, metadata={"help": "each process stops after this many new pairs"})
-    cpu_threads: int | None = field(default=None, metadata={
-        "help": "torch threads per process on CPU (bytes depend on it; default: torch's choice)"})
+    cpu_threads: int = field(default=1, metadata={
+        "help": "torch threads per process on CPU, whatever the launcher set: the bytes depend on the "
+                "thread count, so a fixed count gives the same bytes with any number of processes; "
+                "0 = keep the launcher's choice (faster on many cores, bytes depend on the process count)"})
     preview_count: int = field(default=8, metadata={"help": "pairs shown in preview.png"})
 
 
 def make_prompts(cfg: GenerateConfig, info) -> list[str]:
     """The ``num_pairs`` prompts, identical on every process (they depend only on the config)."""
     if cfg.prompt_source == "captions":
-        from dataset.segmentation import DatasetError, load_captions
-
+        if not info.root().is_dir():
+            die(f"{info.root()}: data root of dataset '{info.name}' not found (its captions are the "
+                "prompts); pass --data_root or use --prompt_source class_names")
         try:
             captions = load_captions(info, cfg.caption_split)
         except DatasetError as e:
@@ -77,7 +95,11 @@ def make_prompts(cfg: GenerateConfig, info) -> list[str]:
     elif cfg.prompt_source == "file":
         if not cfg.prompt_file or not Path(cfg.prompt_file).is_file():
             die(f"{cfg.prompt_file}: prompt file not found (needed by --prompt_source file)")
-        pool = [line.strip() for line in Path(cfg.prompt_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"{cfg.prompt_file}: unreadable prompt file ({e})")
+        pool = [line.strip() for line in text.splitlines() if line.strip()]
         if not pool:
             die(f"{cfg.prompt_file}: no prompts in the file")
     else:
@@ -93,7 +115,6 @@ def make_scheduler(name: str, config):
                "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
     if name not in classes:
         die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    from models.pipeline_jodiffusion import LATENT_SAMPLER_DEFAULTS
 
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
     # a config that did not come through JoDiffusionPipeline (which fills these in): DDIM must not clip latents
@@ -111,58 +132,82 @@ def settings_of(cfg: GenerateConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    cfg = parse_config(GenerateConfig, argv, description=__doc__)
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-    from tqdm import tqdm
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    from models.pipeline_jodiffusion import JoDiffusionPipeline
 
-    if not cfg.pipeline or not (Path(cfg.pipeline) / "model_index.json").is_file():
-        die(f"{cfg.pipeline or '--pipeline'}: not a pipeline folder (no model_index.json); "
-            "train one with train/jodiffusion.py or pass its export folder")
+def check_inputs(cfg: GenerateConfig):
+    """Every check that needs no model, before anything is loaded or written: bad options, the
+    pipeline folder (files and weight headers), its label VAE against the dataset, the prompts.
+    Returns (dataset info, prompts)."""
     if not cfg.output_dir:
         die("--output_dir is required")
     if cfg.image_format not in ("png", "jpg"):
         die(f"--image_format must be png or jpg, got {cfg.image_format!r}")
     if cfg.num_pairs < 1 or cfg.batch_size < 1:
         die("--num_pairs and --batch_size must be >= 1")
+    if cfg.cpu_threads < 0:
+        die("--cpu_threads must be >= 1, or 0 for the launcher's choice")
+    if cfg.mixed_precision not in ("auto", *PRECISIONS):
+        die(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.scheduler not in SCHEDULERS:
+        die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
     try:
         info = get_dataset_info(cfg.dataset, cfg.data_root)
     except ValueError as e:
         die(str(e))
+    if not (0 <= cfg.low_confidence_label < info.num_labels or cfg.low_confidence_label == info.ignore_index):
+        die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
+    if not cfg.pipeline:
+        die("--pipeline is required: a JoDiffusion pipeline folder (train.joint_diffusion writes <output_dir>/pipeline)")
+    try:
+        check_pipeline_folder(cfg.pipeline)
+    except ValueError as e:
+        die(f"{e}; pass a save_pretrained folder (train.joint_diffusion writes <output_dir>/pipeline)")
+    label_config = Path(cfg.pipeline) / "label_vae" / "config.json"
+    if not label_config.is_file():
+        die(f"{label_config.parent}: no label VAE in this pipeline folder; is it a JoDiffusion pipeline?")
+    num_labels = json.loads(label_config.read_text(encoding="utf-8")).get("num_labels")
+    if num_labels != info.num_labels:
+        die(f"{label_config.parent}: this label VAE decodes {num_labels} labels but dataset '{info.name}' "
+            f"has {info.num_labels}: it was trained for another dataset; pass the pipeline made for '{info.name}'")
+    return info, make_prompts(cfg, info)
 
-    # accelerate reads ACCELERATE_USE_CPU only in AcceleratorState; PartialState needs it passed,
-    # or CPU worker processes would each think they are alone
-    if cfg.cpu_threads is not None:
-        if cfg.cpu_threads < 1:
-            die("--cpu_threads must be >= 1")
-        torch.set_num_threads(cfg.cpu_threads)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "fp16" if state.device.type == "cuda" else "no"
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        die(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    dtype = dtypes[precision]
 
-    run = RunDir(cfg.output_dir, is_main=state.is_main_process, name="generate")
-    run.save_config(cfg)
-    pipe = JoDiffusionPipeline.from_pretrained(cfg.pipeline, dtype=dtype).to(state.device)
+def load_pipeline(cfg: GenerateConfig, dtype: torch.dtype, device) -> JoDiffusionPipeline:
+    """The pipeline on ``device`` with the chosen sampler; a load error is one line naming the folder."""
+    try:
+        pipe = JoDiffusionPipeline.from_pretrained(cfg.pipeline, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_pipeline_folder still hides
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        die(f"{cfg.pipeline}: cannot load the pipeline ({lines[0]})")
+    pipe = pipe.to(device)
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     try:
         pipe.check_components()
     except ValueError as e:
         die(f"{cfg.pipeline}: {e}")
-    if pipe.label_vae.config.num_labels != info.num_labels:
-        die(f"{cfg.pipeline}: its label VAE decodes {pipe.label_vae.config.num_labels} labels but dataset "
-            f"'{info.name}' has {info.num_labels}")
-    if not (0 <= cfg.low_confidence_label < info.num_labels or cfg.low_confidence_label == info.ignore_index):
-        die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
+    return pipe
 
+
+def main(argv=None) -> None:
+    cfg = parse_config(GenerateConfig, argv, description=__doc__)
+    info, prompts = check_inputs(cfg)
+    # accelerate reads ACCELERATE_USE_CPU only in AcceleratorState; PartialState needs it passed,
+    # or CPU worker processes would each think they are alone
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.device.type == "cpu" and cfg.cpu_threads > 0:
+        # after PartialState, which sets its own count when OMP_NUM_THREADS is unset; before any
+        # model work: CPU kernels split float reductions by thread, so this fixes the bytes
+        torch.set_num_threads(cfg.cpu_threads)
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if state.device.type == "cuda" else "no"
+    dtype = PRECISIONS[precision]
+
+    pipe = load_pipeline(cfg, dtype, state.device)
+    run = RunDir(cfg.output_dir, is_main=state.is_main_process, name="generate")
+    run.save_config(cfg)
     writer = SyntheticWriter(cfg.output_dir, info.name, img_suffix="." + cfg.image_format)
     settings = settings_of(cfg, dtype)
     done = writer.records()
@@ -171,12 +216,28 @@ def main(argv=None) -> None:
         diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
         die(f"{cfg.output_dir}: holds pairs made with other settings ({diff}); use another --output_dir")
 
-    prompts = make_prompts(cfg, info)
     mine = shard(batches(range(cfg.num_pairs), cfg.batch_size), state.process_index, state.num_processes)
     todo = sum(1 for b in mine for i in b if not writer.is_done(i))
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if state.device.type == "cpu" else ""
     run.log(f"{cfg.num_pairs} pairs, {state.num_processes} process(es); this one has {todo} to make "
-            f"({precision}, {cfg.scheduler} x {cfg.num_inference_steps}, guidance {cfg.guidance_scale})")
-    bar = tqdm(total=todo, unit="pair", desc="generate", disable=not state.is_main_process, dynamic_ncols=True)
+            f"({precision}{threads}, {cfg.scheduler} x {cfg.num_inference_steps}, guidance {cfg.guidance_scale})")
+    generate_pairs(cfg, pipe, prompts, mine, writer, settings, show=state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finished = sum(writer.is_done(i) for i in range(cfg.num_pairs))
+        if finished < cfg.num_pairs:
+            run.log(f"stopped with {finished} of {cfg.num_pairs} pairs written; rerun the same command to finish")
+        else:
+            writer.finalize(info, "jodiffusion", settings, expected=cfg.num_pairs, preview_count=cfg.preview_count)
+            run.log(f"done: {cfg.num_pairs} pairs in {cfg.output_dir} (preview.png, manifest.jsonl)")
+    run.close()
+
+
+def generate_pairs(cfg: GenerateConfig, pipe, prompts: list[str], mine: list[list[int]],
+                   writer: SyntheticWriter, settings: dict, show: bool) -> None:
+    """This process's batches, skipping finished pairs; stops after ``cfg.stop_after`` new ones."""
+    todo = sum(1 for b in mine for i in b if not writer.is_done(i))
+    bar = tqdm(total=todo, unit="pair", desc="generate", disable=not show, dynamic_ncols=True)
     made = 0
     for batch in mine:
         missing = [i for i in batch if not writer.is_done(i)]
@@ -204,15 +265,6 @@ def main(argv=None) -> None:
             made += 1
             bar.update()
     bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finished = sum(writer.is_done(i) for i in range(cfg.num_pairs))
-        if finished < cfg.num_pairs:
-            run.log(f"stopped with {finished} of {cfg.num_pairs} pairs written; rerun the same command to finish")
-        else:
-            writer.finalize(info, "jodiffusion", settings, expected=cfg.num_pairs, preview_count=cfg.preview_count)
-            run.log(f"done: {cfg.num_pairs} pairs in {cfg.output_dir} (preview.png, manifest.jsonl)")
-    run.close()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from utils.io import RunDir
 class InitConfig:
     """Widen a base SD UNet for label latents and write a JoDiffusion pipeline folder."""
 
-    base_model: str = field(default="runwayml/stable-diffusion-v1-5",
+    base_model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                             metadata={"help": "SD folder or hub id (the paper: SD 1.5)"})
-    label_vae: str = field(default="runs/ade20k/label_vae", metadata={"help": "trained label VAE folder"})
+    label_vae: str = field(default="runs/ade20k/label_vae_run/label_vae",
+                           metadata={"help": "trained label VAE folder (what scripts/ae/*.sh write)"})
     output_dir: str = field(default="runs/ade20k/jodiffusion_init", metadata={"help": "pipeline folder to write"})
 
 

@@ -197,6 +197,14 @@ class LabelAutoencoderKL(AutoencoderKL):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bit-encoded masks -> K + 1 logits, as ``LabelVAE.forward`` (the trainer calls either the
+        same way; AutoencoderKL's own forward returns a ``DecoderOutput`` and defaults to the mean)."""
+        posterior = self.encode(x).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z).sample
+
 
 _LABEL_AKL_KEYS = ("num_labels", "ignore_index", "num_bits", "block_out_channels", "layers_per_block",
                    "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
@@ -290,7 +298,8 @@ def decode_latents_to_masks(label_vae, latents_scaled: torch.Tensor, threshold: 
 @torch.no_grad()
 def measure_latent_stats(label_vae, dataset, max_masks: int = 1000, batch_size: int = 16) -> dict:
     """Mean and std of the unscaled posterior-mean latents over up to ``max_masks`` masks of
-    ``dataset`` (items with a ``"mask"``), spread evenly over it.
+    ``dataset`` (items with a ``"mask"``; 0 = all), at evenly spaced indices over the whole set
+    (not its first masks), so an unaugmented dataset gives the same sample and figures every time.
 
     ``unit_variance_scaling_factor`` = 1/std is the scale that gives the diffusion model
     unit-variance label latents (without a KL term the latent's scale is arbitrary).

@@ -18,6 +18,8 @@ It is an ordinary diffusers ``DiffusionPipeline``: ``save_pretrained`` writes
 ``from_pretrained`` re-imports the label VAE from this repository (run from the repo root);
 ``.to()``, ``set_progress_bar_config`` and scheduler swapping
 (``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``) work as usual.
+``utils.io.check_pipeline_folder(folder)`` checks a folder before loading it (missing component,
+config or weights; truncated safetensors) and raises ValueError naming the file.
 
 Reproducibility: pass ``generator`` as a list, one ``torch.Generator`` per sample. Each
 sample's initial noise (and any noise a stochastic scheduler adds) is then drawn from its own

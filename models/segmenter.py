@@ -27,19 +27,32 @@ guards apply to every checkpoint it loads (``--resume``, ``--checkpoint``/``load
 2. Content: the file is read with an explicit ``torch.load(..., weights_only=True)`` and no
    added globals, so even a file with a forged record cannot run a ``__reduce__`` payload.
 
-Pretrained backbones named in a config (``init_cfg=dict(type="Pretrained", checkpoint=PATH)``)
-are plain state dicts; mmengine loads them with torch's default ``weights_only=True``.
+Pretrained backbones
+--------------------
+The real configs start their backbone from the ImageNet checkpoint MMSegmentation's recipe
+uses (``init_cfg=dict(type="Pretrained", checkpoint="open-mmlab://resnet50_v1c")``, ...).
+``prepare_pretrained`` runs before anything is built: it resolves such a name to its URL as
+mmengine does, uses the copy in torch hub's cache (``<torch hub dir>/checkpoints/<file name>``,
+where mmengine's download puts it) or downloads it there once, checks that it reads with
+``torch.load(weights_only=True)`` as a dict of tensors, and points ``init_cfg.checkpoint`` at
+that local file, so the Runner never goes to the network. Without network (or with
+``HF_HUB_OFFLINE=1``) and no cached copy it raises one line naming the checkpoint and the
+two ways on (``LOCAL_CHECKPOINT_OPTION``, ``SCRATCH_OPTION``).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import importlib
+import os
 import os.path as osp
 import pickle
+import socket
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -48,6 +61,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import get_deprecated_model_names, get_external_models
 
 from utils.io import atomic_write_json, atomic_write_text
 
@@ -55,8 +69,18 @@ CUSTOM_IMPORT = "dataset.mmseg_datasets"
 SHA_SUFFIX = ".sha256"
 
 
+# the one override each for the backbone (documented in the config headers and scripts/seg/*.sh)
+SCRATCH_OPTION = "--cfg-options model.backbone.init_cfg=None"
+LOCAL_CHECKPOINT_OPTION = "--cfg-options model.backbone.init_cfg.checkpoint=/path/to/file.pth"
+DOWNLOAD_TIMEOUT_S = 60  # per socket operation: a firewalled node fails fast instead of hanging
+
+
 class UntrustedCheckpointError(ValueError):
     """A checkpoint that this project did not write (no or wrong ``.sha256`` record)."""
+
+
+class PretrainedUnavailableError(ValueError):
+    """A pretrained backbone checkpoint that is neither local nor downloadable, or unreadable."""
 
 
 _HISTORY_BUFFER = "__jodiffusion_history_buffer__"
@@ -160,6 +184,31 @@ class _PlainCheckpointHook(Hook):
                 checkpoint[key] = to_plain(checkpoint[key])
 
 
+class _BadFileHook(Hook):
+    """Names each training file the dataset skipped as corrupt (``metainfo["skipped"]``, see
+    dataset/mmseg_datasets.py) once in the log, and keeps their count: ``bad_files`` in the
+    train log lines and vis_data/scalars.json, and in final_metrics.json. Counts what this
+    process's batches carried."""
+
+    priority = "NORMAL"  # before LoggerHook (BELOW_NORMAL), so the iteration's log line has it
+
+    def __init__(self):
+        self.files: dict[str, None] = {}  # "<path>: <problem>", in the order first seen
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        samples = data_batch.get("data_samples", []) if isinstance(data_batch, dict) else []
+        for sample in samples:
+            skipped = sample.metainfo.get("skipped", "") if hasattr(sample, "metainfo") else ""
+            if skipped and skipped not in self.files:
+                self.files[skipped] = None
+                runner.logger.warning(f"skipped a corrupt training file: {skipped}")
+        runner.message_hub.update_scalar("train/bad_files", len(self.files))
+
+    def after_train(self, runner) -> None:
+        if self.files:
+            runner.logger.warning(f"{len(self.files)} corrupt training file(s) skipped in this run")
+
+
 class TrustedRunner(Runner):
     """mmengine ``Runner`` whose checkpoints load with ``weights_only=True`` and carry a sha256
     record; it loads only checkpoints with a matching record."""
@@ -167,6 +216,8 @@ class TrustedRunner(Runner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_hook(_PlainCheckpointHook())
+        self.bad_file_hook = _BadFileHook()
+        self.register_hook(self.bad_file_hook)
 
     def save_checkpoint(self, out_dir, filename, *args, **kwargs):
         super().save_checkpoint(out_dir, filename, *args, **kwargs)
@@ -189,6 +240,134 @@ class TrustedRunner(Runner):
         self._has_loaded = True
         self.logger.info(f"Load checkpoint from {filename}")
         return checkpoint
+
+
+def _pretrained_refs(node, key: str = "model") -> list[tuple[str, dict, str]]:
+    """(config key, holder, field) of every pretrained checkpoint name under ``node``:
+    ``init_cfg=dict(type="Pretrained", checkpoint=...)`` and mmseg's ``pretrained=...``."""
+    out = []
+    if isinstance(node, dict):
+        if node.get("type") == "Pretrained" and isinstance(node.get("checkpoint"), str):
+            out.append((f"{key}.checkpoint", node, "checkpoint"))
+        for k, v in node.items():
+            if k == "pretrained" and isinstance(v, str):
+                out.append((f"{key}.{k}", node, k))
+            else:
+                out += _pretrained_refs(v, f"{key}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            out += _pretrained_refs(v, f"{key}.{i}")
+    return out
+
+
+def _torchvision_urls() -> dict:
+    """mmengine's table for ``torchvision://`` names (read as mmengine >= 0.10 does for
+    torchvision >= 0.13, without importing torchvision, which this project does not need)."""
+    import mmengine
+    from mmengine.fileio import load as load_file
+
+    return load_file(osp.join(mmengine.__path__[0], "hub", "torchvision_0.12.json"))
+
+
+def checkpoint_url(name: str) -> str | None:
+    """The URL mmengine downloads a checkpoint name from; None for a local path."""
+    if name.startswith(("http://", "https://")):
+        return name
+    scheme, sep, model = name.partition("://")
+    if not sep:
+        return None
+    if scheme in ("open-mmlab", "openmmlab"):
+        model = get_deprecated_model_names().get(model, model)
+        table = get_external_models()
+    elif scheme in ("torchvision", "modelzoo"):
+        table = _torchvision_urls()
+    else:
+        raise PretrainedUnavailableError(f"{name}: unsupported checkpoint scheme {scheme}://; "
+                                         f"pass a local file: {LOCAL_CHECKPOINT_OPTION}")
+    if model not in table or not str(table[model]).startswith(("http://", "https://")):
+        raise PretrainedUnavailableError(f"{name}: mmengine knows no download for this name; pass a "
+                                         f"local file: {LOCAL_CHECKPOINT_OPTION}")
+    return str(table[model])
+
+
+def cached_checkpoint_path(url: str) -> Path:
+    """Where torch hub (and so mmengine's ``load_from_http``) keeps a downloaded checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / osp.basename(urlparse(url).path)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _download(url: str, dst: Path) -> None:
+    """torch hub's download: a temporary file in dst's folder, renamed when complete."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(dst), progress=False)
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def check_pretrained_file(path: Path, name: str) -> None:
+    """Raise unless ``path`` reads with ``weights_only=True`` as a (wrapped) dict of tensors."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        why = next((l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l), "unsafe content")
+        raise PretrainedUnavailableError(f"{path}: {name} is refused by the weights-only unpickler "
+                                         f"({why}); pass a plain state dict instead") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise PretrainedUnavailableError(f"{path}: cannot read {name} (truncated download? delete it "
+                                         f"and rerun): {' '.join(str(e).split())[:200]}") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedUnavailableError(f"{path}: {name} is not a state dict of tensors")
+
+
+def _local_pretrained(name: str, key: str, offline: bool) -> Path:
+    """The local file for checkpoint ``name`` (config key ``key``), downloading it if allowed."""
+    scratch = (f"--cfg-options {key[: -len('.checkpoint')]}=None" if key.endswith(".init_cfg.checkpoint")
+               else f"--cfg-options {key}=None")
+    url = checkpoint_url(name)
+    local = f"--cfg-options {key}=/path/{osp.basename(urlparse(url).path) if url else 'file.pth'}"
+    if url is None:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise PretrainedUnavailableError(f"{name}: pretrained checkpoint ({key}) not found; pass an "
+                                             f"existing file with {local}, or train from scratch with {scratch}")
+        check_pretrained_file(path, name)
+        return path
+    path = cached_checkpoint_path(url)
+    if not path.is_file():
+        why = "HF_HUB_OFFLINE is set"
+        if not offline:
+            try:
+                _download(url, path)
+            except Exception as e:  # URLError, timeouts, HTTP errors, a full disk: all say "not here"
+                why = f"the download failed ({' '.join(str(e).split())[:120]})"
+        if not path.is_file():
+            raise PretrainedUnavailableError(
+                f"{name}: pretrained backbone weights ({key}) are not in the torch hub cache ({path}) "
+                f"and {why}; download {url} to that path, or pass a local copy with {local} "
+                f"(or train from scratch: {scratch})")
+    check_pretrained_file(path, name)
+    return path
+
+
+def prepare_pretrained(cfg: Config, offline: bool | None = None) -> dict[str, str]:
+    """Make every pretrained checkpoint of ``cfg.model`` a checked local file (see module doc).
+
+    Rewrites the names in ``cfg`` to the local paths and returns ``{config key: path}``;
+    raises ``PretrainedUnavailableError`` (one line) when one cannot be had.
+    """
+    offline = _offline() if offline is None else offline
+    done = {}
+    for key, holder, field in _pretrained_refs(cfg.get("model", {})):
+        path = _local_pretrained(str(holder[field]), key, offline)
+        holder[field] = done[key] = str(path)
+    return done
 
 
 def _scheduler_ends_follow_max_iters(cfg: Config, file_max_iters) -> None:
@@ -244,7 +423,8 @@ def train_runner(runner: TrustedRunner) -> dict:
     """Train, evaluate the final model on the val set, write ``work_dir/final_metrics.json``.
 
     Returns ``{"mIoU": float, "per_class_IoU": {class: float|None}, "aAcc": float,
-    "iters": int}``, IoU as fractions in [0, 1] (mmseg logs percent).
+    "iters": int, "bad_files": int}``, IoU as fractions in [0, 1] (mmseg logs percent);
+    ``bad_files`` counts the corrupt training files skipped (named in the log).
     """
     runner.train()
     metric = _iou_metric(runner)
@@ -252,6 +432,7 @@ def train_runner(runner: TrustedRunner) -> dict:
         runner.val_loop.run()
     out = dict(metric.last_result)
     out["iters"] = int(runner.iter)
+    out["bad_files"] = len(runner.bad_file_hook.files)
     if is_main_process():
         atomic_write_json(Path(runner.work_dir) / "final_metrics.json", out)
     return out
@@ -260,7 +441,9 @@ def train_runner(runner: TrustedRunner) -> dict:
 def train_and_evaluate(config_path: str | Path, work_dir: str | Path,
                        cfg_options: dict | None = None) -> dict:
     """Build the runner of an mmseg config and ``train_runner`` it (in-process API)."""
-    return train_runner(build_runner(load_seg_config(config_path, cfg_options, work_dir)))
+    cfg = load_seg_config(config_path, cfg_options, work_dir)
+    prepare_pretrained(cfg)
+    return train_runner(build_runner(cfg))
 
 
 def _to_annotation_space(pred: np.ndarray, reduce_zero_label: bool) -> np.ndarray:

@@ -141,3 +141,12 @@ def make_colour_coded(root: Path, hw=(24, 36), n: int = 4, seed: int = 3, cell: 
         save_png(root / spec.ann_dir / f"{name}.png", mask)
         fx.masks["train"][name] = mask
     return fx
+
+
+def make_coco_unzipped(root: Path, **kwargs) -> Fixture:
+    """``make_coco``, with the images as the official archives unzip: ``coco/{train2017,val2017}``."""
+    fx = make_coco(root, **kwargs)
+    for spec in fx.info.splits.values():
+        (root / spec.img_dir).rename(root / Path(spec.img_dir).name)
+    (root / "images").rmdir()
+    return Fixture(get_dataset_info("coco", data_root=str(root)), fx.masks, fx.captions)

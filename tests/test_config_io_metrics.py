@@ -1,11 +1,17 @@
 """The shared plumbing every stage relies on: configs, atomic files, run folders, metrics."""
+import json
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from utils.config import ConfigError, build_config, parse_config, save_config
-from utils.io import RunDir, atomic_path, read_jsonl, save_image_atomic
+from models.tiny_kit import build_tiny_sd
+from utils.config import ConfigError, build_config, error_line, parse_config, save_config
+from utils.io import (RunDir, atomic_path, check_pipeline_folder, check_weights_file, read_jsonl,
+                      save_image_atomic)
 from utils.metrics import IoUAccumulator, mean_iou
 from utils.visualize import colorize, make_grid, overlay, plot_curves
 
@@ -42,6 +48,97 @@ def test_unknown_keys_are_errors(tmp_path, capsys):
     assert "datset" in err and "bad.yaml" in err
     with pytest.raises(ConfigError, match="batch_size"):
         build_config(_Cfg, {"batch_size": "many"})
+
+
+def test_unknown_key_is_one_line_naming_it_and_a_close_match(tmp_path, capsys):
+    for argv in (["--learning_rate", "1"], ["--bach_size=4"], ["stray"]):
+        with pytest.raises(SystemExit) as e:
+            parse_config(_Cfg, argv)
+        assert e.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "usage" not in err
+        assert argv[0].split("=")[0] in err
+    with pytest.raises(SystemExit):
+        parse_config(_Cfg, ["--bach_size", "4"])
+    assert "did you mean --batch_size" in capsys.readouterr().err
+    prof = tmp_path / "bad.yaml"
+    prof.write_text("batch_size: 4\nthreshold: [1]\n")
+    with pytest.raises(SystemExit):
+        parse_config(_Cfg, ["--config", str(prof)])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(prof) in err and "did you mean thresholds" in err
+
+
+def test_error_line_unwraps_a_worker_traceback():
+    assert error_line(ValueError("data/x.png: cannot read image")) == "data/x.png: cannot read image"
+    wrapped = ("Caught DatasetError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+               "last):\n  File \"x.py\", line 3, in f\n    raise e\n"
+               "dataset.segmentation.DatasetError: data/img: 2 of 9 files bad\n")
+    assert error_line(ValueError(wrapped)) == "data/img: 2 of 9 files bad"
+
+
+def _weights(path, n=64):
+    save_file({"w": torch.arange(n, dtype=torch.float32), "b": torch.zeros(3)}, str(path))
+    return path
+
+
+def test_check_weights_file_finds_cut_and_foreign_files(tmp_path):
+    good = _weights(tmp_path / "good.safetensors")
+    check_weights_file(good)  # complete: no error
+    data = good.read_bytes()
+    cases = {"cut.safetensors": data[:-10], "header_only.safetensors": data[:40],
+             "tiny.safetensors": data[:5], "pickle.safetensors": b"\x80\x04" + b"\0" * 200,
+             "json_garbage.safetensors": struct.pack("<Q", 4) + b"[1]x"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match="truncated or not a safetensors file") as e:
+            check_weights_file(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not found"):
+        check_weights_file(tmp_path / "absent.safetensors")
+
+
+def _pipeline(folder):
+    index = {"_class_name": "X", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None]}
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    _weights(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def test_check_pipeline_folder_names_the_first_missing_part(tmp_path):
+    pipe = _pipeline(tmp_path / "pipe")
+    check_pipeline_folder(pipe)
+    check_pipeline_folder(pipe, ["unet"])
+    with pytest.raises(ValueError, match="component folder 'vae'") as e:
+        check_pipeline_folder(pipe, ["unet", "vae"])
+    assert str(pipe / "vae") in str(e.value)
+    with pytest.raises(ValueError, match="pipeline folder not found"):
+        check_pipeline_folder(tmp_path / "nowhere")
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="truncated") as e:
+        check_pipeline_folder(pipe)
+    assert str(weights) in str(e.value)
+    weights.unlink()
+    with pytest.raises(ValueError, match="no weights file"):
+        check_pipeline_folder(pipe)
+    (pipe / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ValueError, match="no config file") as e:
+        check_pipeline_folder(pipe, ["scheduler"])
+    assert str(pipe / "scheduler") in str(e.value)
+    (pipe / "model_index.json").unlink()
+    with pytest.raises(ValueError, match="model_index.json"):
+        check_pipeline_folder(pipe, ["unet"])
+
+
+def test_check_pipeline_folder_accepts_a_real_tiny_sd_folder(tmp_path):
+    build_tiny_sd(tmp_path / "sd", words=["circle"])
+    check_pipeline_folder(tmp_path / "sd")
 
 
 def test_saved_config_reloads_to_the_same_values(tmp_path):

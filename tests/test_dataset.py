@@ -32,7 +32,7 @@ def test_loader_items_have_the_right_shapes_values_and_captions(tmp_path, name):
             assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
             assert item["mask"].shape == (16, 16) and item["mask"].dtype == torch.int64
             assert set(item["mask"].unique().tolist()) <= _valid_values(fx.info)
-            assert item["name"] == ds.ids[i]
+            assert item["name"] == ds.ids[i] and item["skipped"] == ""
             assert item["caption"] == fx.captions[split][item["name"]]
 
 
@@ -143,7 +143,7 @@ def test_dataloader_batches(tmp_path):
                                          batch_size=2)
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 16, 16) and batch["mask"].shape == (2, 16, 16)
-    assert len(batch["caption"]) == 2
+    assert len(batch["caption"]) == 2 and batch["skipped"] == ["", ""]
 
 
 # --- errors a user meets: each names the file or folder to look at ---------------------------
@@ -194,10 +194,18 @@ def test_image_and_mask_of_different_sizes(tmp_path):
     fx = make_fixture("ade20k", tmp_path)
     ds = SegmentationDataset(fx.info, "train", size=16)
     save_png(ds.mask_path(1), np.zeros((7, 9), np.uint8))
+    # found before training, from the headers
+    with pytest.raises(DatasetError) as e:
+        SegmentationDataset(fx.info, "train", size=16)
+    assert str(ds.image_path(1)) in str(e.value) and str(ds.mask_path(1)) in str(e.value)
+    assert "image is 28x20 but its mask" in str(e.value) and "is 9x7" in str(e.value)
+    # changed under a running dataset: the strict read names both files, the item is skipped
     ds[0]  # other items still load: the check is per item
     with pytest.raises(DatasetError) as e:
-        ds[1]
+        ds.load(1)
     assert str(ds.image_path(1)) in str(e.value) and str(ds.mask_path(1)) in str(e.value)
+    item = ds[1]
+    assert item["skipped"] == str(e.value) and item["name"] == ds.ids[2]
 
 
 def test_mask_values_out_of_range(tmp_path):
@@ -207,7 +215,9 @@ def test_mask_values_out_of_range(tmp_path):
     bad[0, 0] = 21  # VOC has labels 0..20 and 255
     save_png(ds.mask_path(2), bad)
     with pytest.raises(DatasetError, match=rf"{ds.ids[2]}\.png: mask values \[21\]"):
-        ds[2]
+        ds.load(2)
+    item = ds[2]
+    assert "mask values [21]" in item["skipped"] and item["name"] == ds.ids[0]  # wraps around
 
 
 def test_colour_mask_is_rejected(tmp_path):
@@ -215,7 +225,9 @@ def test_colour_mask_is_rejected(tmp_path):
     ds = SegmentationDataset(fx.info, "val")
     save_png(ds.mask_path(0), np.zeros((20, 28, 3), np.uint8))
     with pytest.raises(DatasetError, match=f"{ds.ids[0]}.png: mask has mode RGB"):
-        ds[0]
+        SegmentationDataset(fx.info, "val")
+    with pytest.raises(DatasetError, match=f"{ds.ids[0]}.png: mask has mode RGB"):
+        ds.load(0)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -225,8 +237,14 @@ def test_unreadable_image(tmp_path, damage):
     path = ds.image_path(0)
     data = path.read_bytes()
     path.write_bytes(b"not a jpeg at all" if damage == "garbage" else data[: len(data) // 2])
+    if damage == "garbage":  # the header is broken: found when the dataset is built
+        with pytest.raises(DatasetError, match=f"{path.name}: cannot read image"):
+            SegmentationDataset(fx.info, "train", size=16)
+    else:  # the header is intact: found when the item is decoded, and skipped
+        SegmentationDataset(fx.info, "train", size=16)
+        assert ds[0]["skipped"].startswith(f"{path}: cannot read image")
     with pytest.raises(DatasetError, match=f"{path.name}: cannot read image"):
-        ds[0]
+        ds.load(0)
     with pytest.raises(DatasetError, match=path.name):
         read_image(path)
 
@@ -237,7 +255,9 @@ def test_native_size_needs_images_of_one_size(tmp_path):
     Image.new("RGB", (10, 12)).save(ds.image_path(2), format="JPEG")
     save_png(ds.mask_path(2), np.zeros((12, 10), np.uint8))
     with pytest.raises(DatasetError, match=f"{ds.ids[2]}.jpg: image is 10x12 .* need a size"):
-        ds[2]
+        SegmentationDataset(fx.info, "train")
+    with pytest.raises(DatasetError, match=f"{ds.ids[2]}.jpg: image is 10x12 .* need a size"):
+        ds.load(2)
     assert SegmentationDataset(fx.info, "train", size=8)[2]["mask"].shape == (8, 8)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -164,6 +165,16 @@ def test_noise_filter_keeps_fraction_and_drops_planted_pairs_first(tmp_path):
     scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 30 and all(0 <= s["score"] <= 1 for s in scores)
     assert len(list((tmp_path / "img_dir" / "train").glob("*.png"))) == 30  # nothing deleted
+    # the kept pairs, as a synthetic set of their own that the segmenter scripts take (SYNTH=..._kept)
+    out = Path(f"{tmp_path}_kept")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["num_pairs"] == len(kept) and meta["subset"]["keep_fraction"] == 0.8
+    assert [json.loads(line)["name"] for line in (out / "manifest.jsonl").read_text().splitlines()] == kept
+    for name in kept:
+        for sub in ("img_dir", "ann_dir"):
+            assert (out / sub / "train" / f"{name}.png").read_bytes() == \
+                (tmp_path / sub / "train" / f"{name}.png").read_bytes()
+    assert sorted(p.stem for p in (out / "ann_dir" / "train").glob("*.png")) == kept
 
 
 def test_keep_best_breaks_ties_by_index():
@@ -205,12 +216,15 @@ def test_generate_is_seed_deterministic_and_mosaics(tmp_path):
     args = ["--config", "configs/diffumask/toy.yaml", "--base_model", str(base), "--classes", "circle", "square",
             "--images_per_class", "2", "--num_inference_steps", "2", "--batch_size", "2"]
     runs = []
-    for name in ("a", "b"):
-        summary = main(args + ["--output_dir", str(tmp_path / name)])
+    for name, workers in (("a", "2"), ("b", "0")):  # masks in a CPU worker pool, then inline
+        summary = main(args + ["--output_dir", str(tmp_path / name), "--crf_workers", workers])
         assert summary["num_pairs"] == 4 and summary["pairs_per_s"] > 0
         runs.append(tmp_path / name)
-    for rel in ["manifest.jsonl"] + [f"{d}/train/00000{i}.png" for d in ("img_dir", "ann_dir") for i in range(4)]:
+    rels = ["manifest.jsonl", "dataset.json"] + [f"{d}/train/00000{i}.png" for d in ("img_dir", "ann_dir")
+                                                 for i in range(4)] + [f"attention/00000{i}.npy" for i in range(4)]
+    for rel in rels:
         assert (runs[0] / rel).read_bytes() == (runs[1] / rel).read_bytes(), rel
+    assert not list((runs[0] / "attention").glob("*.png"))  # staged images removed once written
     rows = [json.loads(x) for x in (runs[0] / "manifest.jsonl").read_text().splitlines()]
     assert [r["class_labels"] for r in rows] == [[1], [1], [2], [2]]
     assert all(r["gamma"] in (0.35, 0.4, 0.45, 0.5, 0.55) for r in rows)

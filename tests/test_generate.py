@@ -1,7 +1,7 @@
-"""inference.generate: same seed -> same bytes with 1 or 2 processes; resume == uninterrupted."""
+"""inference.generate: same seed -> same bytes with 1 or 2 processes, as launched (no thread
+variables set by hand); resume == uninterrupted."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +34,7 @@ def world(tmp_path_factory):
 def args(world, out, *extra):
     return ["--pipeline", str(world / "pipe"), "--dataset", "toy", "--data_root", str(world / "toy"),
             "--num_pairs", str(N), "--batch_size", "2", "--num_inference_steps", "2",
-            "--cpu_threads", "1", "--output_dir", str(out), *extra]
+            "--output_dir", str(out), *extra]
 
 
 def dataset_files(out: Path) -> dict[str, bytes]:
@@ -86,26 +86,28 @@ def test_dataset_layout_and_contents(world, reference):
     assert len(ds) == N and ds[0]["caption"] == captions["000000"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch(world, out: Path, num_processes: int) -> subprocess.Popen:
+    """``torchrun --nproc_per_node N -m inference.generate`` in the launcher's default environment:
+    no thread variables (torchrun sets OMP_NUM_THREADS=1 for 2+ processes only; one process and
+    accelerate's multi-CPU state take every core). ``accelerate launch --num_processes 2`` starts
+    one process on a CPU-only machine, so torchrun is the CPU multi-process launcher."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+           "-m", "inference.generate", *args(world, out)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_processes_give_the_same_bytes(world, reference):
-    out = world / "two"
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, ACCELERATE_USE_CPU="true", WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "inference.generate", *args(world, out)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    assert "2 process(es)" in logs[0]
-    assert dataset_files(out) == dataset_files(reference)
+def test_one_and_two_launched_processes_give_the_same_bytes(world, reference):
+    # without the entry point pinning its threads, 1 process ran on every core and 2 on one thread
+    # each: a grey level apart on a 2-core machine (a 1-core machine cannot tell them apart)
+    runs = {n: (world / f"launched_{n}", launch(world, world / f"launched_{n}", n)) for n in (1, 2)}
+    logs = {n: p.communicate(timeout=300)[0].decode() for n, (_, p) in runs.items()}
+    assert all(p.returncode == 0 for _, p in runs.values()), logs
+    assert "2 process(es)" in logs[2] and "1 process(es)" in logs[1]
+    one, two = (dataset_files(runs[n][0]) for n in (1, 2))
+    assert len(one) > 2 * N and one == two
+    assert one == dataset_files(reference)  # and the same as a call of main() in this process
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(world, reference):

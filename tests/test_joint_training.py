@@ -1,8 +1,12 @@
 """Stage 2 end to end on a tiny toy world: base model -> image pretraining -> init -> joint training."""
+import importlib.util
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,12 +176,38 @@ def test_mixed_precision_run_exports_the_frozen_components_unrounded(world):
             assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), (exported, k)
 
 
-def test_8bit_adam_on_cpu_is_a_clear_error(world, capsys):
+def _error_line(capsys) -> str:
+    """The one ``error:`` line a bad input must give: last on stderr, no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err[-2000:]
+    assert sum(line.startswith("error:") for line in lines) == 1, err[-2000:]
+    return lines[-1]
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install_it_before_anything_else(world, capsys, monkeypatch):
     from train import joint_diffusion
 
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    # the paper's default (--use_8bit_adam true); the base model does not exist: the first check must be bitsandbytes'
+    with pytest.raises(SystemExit) as e:
+        joint_diffusion.main(["--pretrained_model", str(world / "nowhere"), "--output_dir", str(world / "x")])
+    line = _error_line(capsys)
+    assert e.value.code == 2 and "pip install bitsandbytes" in line and "CUDA" in line and "--use_8bit_adam false" in line
+    assert not (world / "x").exists()  # stopped before the run folder, the models or the latent cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_8bit_adam_on_cpu_is_a_clear_error(world, capsys, monkeypatch):
+    from train import joint_diffusion
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: find_spec("numpy") if name == "bitsandbytes" else find_spec(name, *a))
     with pytest.raises(SystemExit) as e:
         joint_diffusion.main(["--pretrained_model", str(world / "init"), "--output_dir", str(world / "x")])
-    assert e.value.code == 2 and "use_8bit_adam" in capsys.readouterr().err
+    assert e.value.code == 2 and "needs a CUDA GPU" in _error_line(capsys)
 
 
 def test_validation_grid_draws_its_noise_on_the_cpu_whatever_the_device(tmp_path):
@@ -276,3 +306,182 @@ def test_steps_skipped_by_fp16_loss_scaling_are_logged(world, monkeypatch):
     log = (out / "log.txt").read_text()
     assert "step 2: 2 optimiser step(s) since the last log line were skipped" in log
     assert "3 optimiser steps in all were skipped by fp16 loss scaling" in log
+
+
+# ---- the latent cache is read through memory maps of its shard files -----------------------------
+
+CACHED = CPU_FAST + ["--train_batch_size", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+                     "--cache_latents", "--checkpointing_steps", "0", "--num_validation_images", "0",
+                     "--max_train_steps", "3", "--logging_steps", "1"]
+SHARD_ITEMS = 20  # 48 items -> shards of 20, 20 and 8: rows are gathered across shards and views
+
+
+def _in_memory_cache(cache_dir, num_shards: int, suffixes: list[str]) -> dict:
+    """The cache as the trainer loaded it before it was memory-mapped (every shard read whole and
+    concatenated): the reference the mapped cache must match bit for bit."""
+    loaded = [load_file(Path(cache_dir) / f"shard-{k:05d}.safetensors") for k in range(num_shards)]
+    tensors = {}
+    for key in ("image_mean", "image_std", "label", "input_ids"):
+        if key in loaded[0]:
+            rows = [part[key] for part in loaded] * len(suffixes) if key == "input_ids" else \
+                [part[key + suffix] for suffix in suffixes for part in loaded]
+            tensors[key] = torch.cat(rows)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def mapped_run(world):
+    """A cached joint run (memory-mapped cache of 3 shards, flipped copies)."""
+    from train import joint_diffusion
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(joint_diffusion, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
+        joint_diffusion.main(CACHED + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                                       "--label_vae", str(world / "label_vae"), "--cache_dir", str(world / "cache_mm"),
+                                       "--output_dir", str(world / "mapped")])
+    return world / "mapped", world / "cache_mm"
+
+
+def test_latent_cache_is_read_through_memory_maps_of_its_shards(mapped_run, tmp_path):
+    from train.joint_diffusion import open_latent_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(mapped_run[1], cache)
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    columns = open_latent_cache(cache, 3, ["", "_flip"])
+    reference = _in_memory_cache(cache, 3, ["", "_flip"])
+    assert set(columns) == set(reference) == {"image_mean", "image_std", "label", "input_ids"}
+    every_row = torch.arange(2 * 48).flip(0)
+    for key, column in columns.items():
+        assert len(column) == 2 * 48 and torch.equal(column[every_row], reference[key][every_row]), key
+        for part in column.parts:  # views of read-only maps of the files, not copies in memory
+            assert isinstance(part, np.memmap) and Path(part.filename) in shards and not part.flags.writeable
+    # file-backed: a value changed in the file on disk shows in the mapped rows at once
+    (n,) = struct.unpack("<Q", shards[0].read_bytes()[:8])
+    begin = json.loads(shards[0].read_bytes()[8:8 + n])["image_mean"]["data_offsets"][0]
+    assert reference["image_mean"].dtype == torch.float32 and columns["image_mean"][[0]].flatten()[0] != 1234.5
+    with open(shards[0], "r+b") as f:
+        f.seek(8 + n + begin)
+        f.write(np.float32(1234.5).tobytes())
+    assert columns["image_mean"][[0]].flatten()[0] == 1234.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32])
+def test_mapped_rows_are_the_rows_of_the_concatenated_tensors(tmp_path, dtype):
+    """The cache's dtypes under fp16 / bf16 / no mixed precision (and the token ids): rows gathered
+    across files and parts come back as ``torch.cat(parts)[rows]``, bit for bit."""
+    from safetensors.torch import save_file
+
+    from train.joint_diffusion import MappedRows
+    from utils.checkpoints import map_safetensors
+
+    parts = [(torch.randn(n, 2, 3) * 100).to(dtype) for n in (5, 3, 4)]
+    for k, part in enumerate(parts):
+        save_file({"x": part, "other": torch.zeros(k + 1)}, tmp_path / f"{k}.safetensors")
+    mapped = [map_safetensors(tmp_path / f"{k}.safetensors") for k in range(3)]
+    assert all(dtypes["x"] == {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                               torch.int32: "I32"}[dtype] for _, dtypes, _ in mapped)
+    rows = MappedRows([arrays["x"] for arrays, _, _ in mapped], bfloat16=dtype == torch.bfloat16)
+    pick = torch.tensor([11, 0, 4, 5, 7, 8, 4])
+    got = rows[pick]
+    assert len(rows) == 12 and got.dtype == dtype and torch.equal(got, torch.cat(parts)[pick])
+
+
+def test_memory_mapped_cache_trains_the_same_bytes_as_a_cache_loaded_into_memory(world, mapped_run, monkeypatch):
+    from train import joint_diffusion
+
+    monkeypatch.setattr(joint_diffusion, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
+    monkeypatch.setattr(joint_diffusion, "open_latent_cache", _in_memory_cache)  # the loading it replaced
+    out = world / "in_memory"
+    joint_diffusion.main(CACHED + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
+                                   "--label_vae", str(world / "label_vae"), "--cache_dir", str(mapped_run[1]),
+                                   "--output_dir", str(out)])
+    assert "reusing the latent cache" in (out / "log.txt").read_text()
+    keys = ("loss", "image_loss", "label_loss")
+    assert [[r[k] for k in keys] for r in read_jsonl(out / "metrics.jsonl")] == \
+        [[r[k] for k in keys] for r in read_jsonl(mapped_run[0] / "metrics.jsonl")]
+    a = load_file(mapped_run[0] / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- bad input: one line naming the file, never a traceback ----------------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case", ["no folder", "no unet", "cut unet weights", "cut label VAE weights",
+                                  "label VAE of another dataset", "no data root"])
+def test_bad_model_or_data_folders_stop_with_one_line(world, tmp_path, capsys, case):
+    from train import joint_diffusion
+
+    base, label_vae, data_root = tmp_path / "base", tmp_path / "label_vae", world / "toy"
+    shutil.copytree(world / "base", base, ignore=shutil.ignore_patterns("*.png", "*.jsonl", "*.txt"))
+    shutil.copytree(world / "label_vae", label_vae)
+    named = {"no folder": tmp_path / "nowhere", "no unet": base / "unet",
+             "cut unet weights": base / "unet" / "diffusion_pytorch_model.safetensors",
+             "cut label VAE weights": label_vae / "diffusion_pytorch_model.safetensors",
+             "label VAE of another dataset": label_vae, "no data root": tmp_path / "no_data"}[case]
+    if case == "no folder":
+        base = named
+    elif case == "no unet":
+        shutil.rmtree(named)
+    elif case.startswith("cut"):
+        _truncate(named)
+    elif case == "label VAE of another dataset":  # VOC's 21 labels; the toy world has 6
+        LabelVAE(num_labels=21, encoder_channels=(8, 8, 8), decoder_channels=(8, 8, 8),
+                 norm_num_groups=8).save_pretrained(label_vae)
+    else:
+        data_root = named
+    with pytest.raises(SystemExit) as e:
+        joint_diffusion.main(CPU_FAST + ["--data_root", str(data_root), "--pretrained_model", str(base),
+                                         "--label_vae", str(label_vae), "--output_dir", str(tmp_path / "run"),
+                                         "--max_train_steps", "1", "--num_validation_images", "0"])
+    line = _error_line(capsys)
+    assert e.value.code == 2 and f"error: {named}:" in line, line
+    if case == "label VAE of another dataset":
+        assert "21 labels" in line and "'toy' has 6" in line
+
+
+def _toy_copy_with_cut_images(world, tmp_path, count: int) -> Path:
+    root = tmp_path / "toy"
+    shutil.copytree(world / "toy", root)
+    for k in range(count):  # the header still reads: found only when the pixels are decoded mid-run
+        _truncate(root / "img_dir" / "train" / f"{7 + 10 * k:06d}.png")
+    return root
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_corrupt_image_mid_run_is_named_skipped_and_counted(world, tmp_path, cached):
+    from train import joint_diffusion
+
+    root = _toy_copy_with_cut_images(world, tmp_path, 1)
+    out = tmp_path / "run"
+    joint_diffusion.main(CPU_FAST + ["--data_root", str(root), "--pretrained_model", str(world / "base"),
+                                     "--label_vae", str(world / "label_vae"), "--output_dir", str(out),
+                                     "--train_batch_size", "8", "--max_train_steps", "6", "--logging_steps", "3",
+                                     "--checkpointing_steps", "0", "--num_validation_images", "0"]
+                         + (["--cache_latents"] if cached else []))
+    log = (out / "log.txt").read_text()
+    bad = root / "img_dir" / "train" / "000007.png"
+    # one epoch reads every item once: the cut file once, while caching (step 0) or in a step's batch
+    assert f"skipped 1 bad training file(s), each replaced by the next good one: {bad}: " in log
+    assert "1 bad training file(s) skipped, 1 time(s) in all" in log and (out / "pipeline").is_dir()
+    counted = sum(r.get("bad_files", 0) for r in read_jsonl(out / "metrics.jsonl"))
+    assert counted == (0 if cached else 1)
+
+
+def test_too_many_corrupt_images_stop_the_run_with_one_line(world, tmp_path, capsys):
+    from train import joint_diffusion
+
+    root = _toy_copy_with_cut_images(world, tmp_path, 3)  # 3 of 48: more than --max_bad_fraction 0.01 allows
+    with pytest.raises(SystemExit) as e:  # read in a DataLoader worker, which wraps the error in its traceback
+        joint_diffusion.main(CPU_FAST + ["--dataloader_num_workers", "1", "--data_root", str(root),
+                                         "--pretrained_model", str(world / "base"), "--label_vae", str(world / "label_vae"),
+                                         "--output_dir", str(tmp_path / "run"), "--train_batch_size", "8",
+                                         "--max_train_steps", "6", "--checkpointing_steps", "0", "--num_validation_images", "0"])
+    line = _error_line(capsys)
+    assert e.value.code == 2 and line.startswith(f"error: {root / 'img_dir' / 'train'}: 2 of 48 files bad"), line
+    assert "max_bad_fraction=0.01" in line

@@ -226,3 +226,128 @@ def test_steps_skipped_by_fp16_loss_scaling_are_logged(toy_root, tmp_path, monke
     assert {r["step"]: r.get("skipped_steps", 0) for r in rows} == {1: 0, 2: 1, 4: 1, 6: 0}
     log = (out / "log.txt").read_text()
     assert "2 optimiser steps in all were skipped by fp16 loss scaling" in log
+
+
+def _argv_default_scale(root, out, **over):
+    argv = _argv(root, out, **over)
+    i = argv.index("--scaling_factor")
+    return argv[:i] + argv[i + 2:]
+
+
+def test_default_scale_is_one_over_the_latent_std_of_a_spread_training_sample(toy_root, tmp_path):
+    from dataset import get_dataset_info
+    from dataset.segmentation import SegmentationDataset
+    from train.label_vae import main
+
+    out = tmp_path / "run"  # no --scaling_factor: the default is measured ('auto')
+    main(_argv_default_scale(toy_root, out, max_train_steps=6, validation_steps=100, latent_stats_samples=6))
+    vae = load_label_vae(out).eval()
+    ds = SegmentationDataset(get_dataset_info("toy", str(toy_root)), "train", size=16)
+
+    def std_over(indices):
+        masks = torch.stack([ds[i]["mask"] for i in indices])
+        return (encode_masks(vae, masks).double() / vae.config.scaling_factor).std(unbiased=False).item()
+
+    spread = [0, 9, 19, 28, 38, 47]  # 6 masks evenly spaced over the 48
+    assert vae.config.scaling_factor == pytest.approx(1 / std_over(spread), rel=1e-4)
+    assert json.loads((out / "latent_stats.json").read_text())["num_masks"] == 6
+    # the first 6 masks would give another scale: the sample really is spread
+    assert abs(1 / std_over(range(6)) - vae.config.scaling_factor) > 1e-3 * vae.config.scaling_factor
+
+
+def test_the_authors_fixed_scale_stays_available(toy_root, tmp_path, capsys):
+    from train.label_vae import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 'auto')" in help_text and "0.2 is the authors' fixed value" in help_text
+    out = tmp_path / "run"
+    main(_argv(toy_root, out, max_train_steps=2, validation_steps=100, scaling_factor=0.2))
+    assert load_label_vae(out).config.scaling_factor == 0.2
+    assert json.loads((out / "latent_stats.json").read_text())["stored_scaling_factor"] == 0.2
+
+
+def test_autoencoder_kl_layout_trains_saves_reloads_and_decodes(toy_root, tmp_path):
+    from train.label_vae import main
+
+    out = tmp_path / "run"
+    main(_argv(toy_root, out, model_type="autoencoder_kl", encoder_channels="8 16", decoder_channels="16 16",
+               max_train_steps=4, validation_steps=100))
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+    vae = load_label_vae(out).eval()
+    assert isinstance(vae, LabelAutoencoderKL) and list(vae.config.block_out_channels) == [8, 16]
+    stats = json.loads((out / "latent_stats.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(stats["unit_variance_scaling_factor"])
+    fresh = build_label_vae("autoencoder_kl", 6, encoder_channels=(8, 16), norm_num_groups=4, sample_size=16)
+    trained = load_file(out / "label_vae" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(fresh.state_dict()[k], trained[k]) for k in trained)
+    masks = torch.randint(0, 6, (2, 16, 16))
+    decoded, confidence = decode_latents_to_masks(vae, encode_masks(vae, masks))
+    assert decoded.shape == (2, 16, 16) and confidence.shape == (2, 16, 16)
+    assert set(decoded.unique().tolist()) <= set(range(6)) | {255}
+
+
+def _toy_copy_with_truncated_masks(toy_root, dst, names):
+    import shutil
+
+    shutil.copytree(toy_root, dst)
+    for name in names:
+        path = dst / "ann_dir" / "train" / name
+        data = path.read_bytes()
+        path.write_bytes(data[:data.index(b"IDAT") + 8])  # PNG header readable, pixel data cut off
+    return dst
+
+
+def test_a_mask_truncated_mid_run_is_named_counted_and_skipped(toy_root, tmp_path):
+    from train.label_vae import main
+
+    root = _toy_copy_with_truncated_masks(toy_root, tmp_path / "toy", ["000005.png"])
+    out = tmp_path / "run"
+    main(_argv(root, out, max_train_steps=12, validation_steps=100, logging_steps=4))  # 2 epochs
+    assert (out / "label_vae" / "config.json").is_file()
+    log = (out / "log.txt").read_text()
+    bad = str(root / "ann_dir" / "train" / "000005.png")
+    assert "skipped 1 bad training file(s)" in log and bad in log, log
+    assert "1 bad training file(s) skipped, 2 time(s) in all" in log, log  # once per epoch
+    assert sum(r.get("bad_files", 0) for r in read_jsonl(out / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_bad_masks_stop_the_run_with_one_line(toy_root, tmp_path, capsys, workers):
+    from train.label_vae import main
+
+    root = _toy_copy_with_truncated_masks(toy_root, tmp_path / "toy", ["000003.png", "000017.png", "000030.png"])
+    with pytest.raises(SystemExit) as e:
+        main(_argv(root, tmp_path / "run", max_train_steps=8, validation_steps=100, dataloader_num_workers=workers))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: "), err
+    assert "files bad, more than the allowed share" in err[-1] and "Traceback" not in err[-1]
+    assert "000030.png" in err[-1] or "000017.png" in err[-1], err[-1]  # names the latest bad file
+
+
+def test_an_unknown_config_key_is_one_line(toy_root, tmp_path, capsys):
+    from train.label_vae import main
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("dataset: toy\nlearning_rte: 0.001\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(profile), "--data_root", str(toy_root), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "learning_rte" in err[0] and str(profile) in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_from_a_truncated_checkpoint_is_one_line(toy_root, tmp_path, capsys):
+    from train.label_vae import main
+
+    out = tmp_path / "run"
+    main(_argv(toy_root, out, max_train_steps=4, validation_steps=100))
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_argv(toy_root, out, max_train_steps=8, validation_steps=100, resume_from_checkpoint="latest"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"error: {weights}: truncated"), err

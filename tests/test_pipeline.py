@@ -74,8 +74,13 @@ def test_stochastic_scheduler_swap_keeps_per_sample_seeding(pipe):
     # the ancestral sampler adds fresh noise every step: it must come from each sample's generator
     both = p(["a ring", "a star"], num_inference_steps=3, generator=gens(5, 6), output_type="latent")
     alone = p(["a star"], num_inference_steps=3, generator=gens(6), output_type="latent")
-    torch.testing.assert_close(both.images[1], alone.images[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(both.masks[1], alone.masks[0], atol=1e-4, rtol=0)
+    other = p(["a star"], num_inference_steps=3, generator=gens(7), output_type="latent")
+    # this sampler's latents are sigma-scaled (|x| ~ 60 here), so float rounding is relative to that
+    # (measured: 1.2e-4 between batch 2 and 1); another seed differs by ~60
+    rounding = 1e-5 * alone.images.abs().max().item()
+    torch.testing.assert_close(both.images[1], alone.images[0], atol=rounding, rtol=0)
+    torch.testing.assert_close(both.masks[1], alone.masks[0], atol=rounding, rtol=0)
+    assert (other.images[0] - alone.images[0]).abs().max() > 1000 * rounding
     assert p.config.scheduler[1] == "EulerAncestralDiscreteScheduler"
 
 

@@ -194,3 +194,55 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ade_blip2_main(["--data_root", str(tmp_path)])  # the alias fills in ade20k + blip2
     assert e.value.code == 2 and str(tmp_path / "images" / "training") in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"a": 3}'])
+def test_broken_earlier_caption_file_is_one_line(tmp_path, capsys, content):
+    root = tmp_path / "VOC2012"
+    make_voc(root, ["a"])
+    out = root / "captions" / "trainaug.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        prepare_captions.main(["--dataset", "voc", "--mode", "class_names", "--data_root", str(root)])
+    assert e.value.code != 0 and str(out) in _one_error_line(capsys)
+    assert out.read_text() == content  # left for the user to look at
+
+
+def test_broken_resume_sidecar_is_one_line(tmp_path, capsys):
+    out = tmp_path / "captions" / "train.json"
+    out.parent.mkdir(parents=True)
+    (tmp_path / "captions" / "train.partial.jsonl").write_text('{"name": "a", "caption": "x"}\n[3]\n')
+    with pytest.raises(SystemExit) as e:
+        caption_split(["a", "b"], lambda: None, out, batch_size=2)
+    assert e.value.code != 0 and "train.partial.jsonl: line 2" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content", ["", '{"images": [{"id": 9, "file_name": "000000000009.jpg"}], "annotations": []}',
+                                     '{"images": [], "annotations": [{"id": 1, "image_id": 9}]}'])
+def test_empty_or_broken_coco_caption_source_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "coco" / "annotations" / "captions_val2017.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        prepare_captions.main(["--dataset", "coco", "--split", "val", "--data_root", str(tmp_path / "coco")])
+    assert e.value.code != 0 and str(path) in _one_error_line(capsys)
+    assert not (tmp_path / "coco" / "captions" / "val2017.json").exists()
+
+
+def test_class_name_captions_reject_labels_outside_the_classes(tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    make_voc(root, ["a", "b"])
+    (root / "SegmentationClassAug").mkdir()
+    Image.fromarray(np.full((8, 8), 8, np.uint8)).save(root / "SegmentationClassAug" / "a.png")
+    Image.fromarray(np.full((8, 8), 40, np.uint8)).save(root / "SegmentationClassAug" / "b.png")  # VOC: 0..20
+    assert prepare_captions.main(["--dataset", "voc", "--mode", "class_names", "--data_root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert str(root / "SegmentationClassAug" / "b.png") in err and "mask values [40]" in err
+    assert json.loads((root / "captions" / "trainaug.json").read_text()) == {"a": "a photo of cat"}

@@ -99,3 +99,16 @@ def test_corrupt_mat_is_reported_and_exit_code_nonzero(roots, capsys):
     assert main(["--voc_root", str(voc), "--sbd_root", str(sbd), "--num_workers", "0"]) == 1
     assert "2008_f.mat" in capsys.readouterr().err
     assert (voc / "SegmentationClassAug" / "2008_e.png").exists()  # the rest were converted
+
+
+def test_missing_voc_root_or_empty_list_is_one_line(roots, tmp_path, capsys):
+    voc, sbd = roots
+    with pytest.raises(SystemExit) as e:
+        main(["--voc_root", str(tmp_path / "nowhere"), "--sbd_root", str(sbd), "--num_workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and str(tmp_path / "nowhere") in err
+    (sbd / "val.txt").write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--voc_root", str(voc), "--sbd_root", str(sbd), "--num_workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and err == f"error: {sbd / 'val.txt'}: list file is empty"

@@ -21,25 +21,30 @@ stopped and resumed with ``--resume_from_checkpoint latest`` ends with the same 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from models.joint_unet import joint_epsilon_loss, min_snr_weights, widen_unet_for_labels
-from utils.config import die, parse_config
+from utils.config import die, error_line, parse_config
 from utils.checkpoints import (
+    BadFiles,
     SkippedSteps,
     checkpoint_step,
     find_checkpoint,
     load_training_state,
+    map_safetensors,
     save_checkpoint,
 )
-from utils.io import RunDir
+from utils.io import RunDir, check_pipeline_folder, check_weights_file
 
 
 @dataclass
@@ -81,10 +86,15 @@ class JointDiffusionConfig:
     snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (e.g. 5; the logged losses are then weighted too); unset = plain mean (authors)"})
     use_ema: bool = field(default=False, metadata={"help": "keep EMA weights (exported instead of the raw ones)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers EMAModel, warm-up (1+n)/(10+n))"})
-    cache_latents: bool = field(default=False, metadata={"help": "encode the training set once with both VAEs and reuse"})
+    cache_latents: bool = field(default=False, metadata={
+        "help": "encode the training set once with both VAEs and reuse; read from disk through memory maps, "
+                "so the processes of a node share one copy in the page cache"})
     cache_dir: str | None = field(default=None, metadata={"help": "latent cache folder (default: <output_dir>/latent_cache)"})
     cache_batch_size: int = field(default=32, metadata={"help": "batch size when filling the latent cache"})
     dataloader_num_workers: int = field(default=4, metadata={"help": "data loading workers (uncached)"})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "share of training files that may turn out corrupt mid-run (each is skipped, named in the log "
+                "and counted as bad_files in metrics.jsonl) before the run stops"})
     checkpointing_steps: int = field(default=1000, metadata={"help": "save a resumable checkpoint every N steps (0 = never)"})
     checkpoints_total_limit: int = field(default=0, metadata={"help": "keep only the newest N checkpoints (0 = all)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint-N folder or 'latest'"})
@@ -130,8 +140,6 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def _mix(*parts: int) -> int:
     """A 63-bit seed from integers (independent streams per (seed, what, step, rank))."""
-    import numpy as np
-
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
@@ -157,7 +165,8 @@ class ImageSource:
 
     def _collate(self, items):
         return dict(image=torch.stack([it["image"] for it in items]), mask=torch.stack([it["mask"] for it in items]),
-                    input_ids=tokenize(self.models["tokenizer"], [it["caption"] for it in items]))
+                    input_ids=tokenize(self.models["tokenizer"], [it["caption"] for it in items]),
+                    skipped=[it.get("skipped", "") for it in items])  # "<path>: <problem>" of a replaced bad file
 
     def batches(self, epoch: int, index_batches: list[list[int]], flips):
         self.dataset.set_epoch(epoch)  # crops and flips come from (seed, epoch, index): resumable
@@ -181,9 +190,29 @@ class ImageSource:
         return z, batch["input_ids"].to(device)
 
 
+class MappedRows:
+    """Row-indexable like the concatenation of ``parts`` (memory maps of the cache shards), without
+    concatenating them: indexing reads only the rows asked for (a batch), as ``torch.cat(parts)[rows]``
+    would give them."""
+
+    def __init__(self, parts: list[np.ndarray], bfloat16: bool = False):
+        self.parts, self.bfloat16 = parts, bfloat16
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = torch.from_numpy(np.stack([self.parts[p][r - self.starts[p]] for p, r in zip(part, rows)]))
+        return out.view(torch.bfloat16) if self.bfloat16 else out
+
+
 class CachedSource:
     """Latents encoded once (``--cache_latents``); row ``v * N + i`` holds view ``v`` of item ``i``
-    (view 1 = flipped with ``--augment_views flip``; views 1-7 = ``dihedral_view`` with ``dihedral``)."""
+    (view 1 = flipped with ``--augment_views flip``; views 1-7 = ``dihedral_view`` with ``dihedral``).
+    ``tensors`` maps each key to its rows: ``MappedRows`` over the shard files (``open_latent_cache``)."""
 
     def __init__(self, tensors: dict, num_items: int, empty_ids, preview_captions):
         self.t, self.n = tensors, num_items
@@ -225,13 +254,14 @@ def _cache_fingerprint(cfg, info, dataset, models: dict, dtype) -> str:
 
 
 @torch.no_grad()
-def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, device, dtype) -> dict:
+def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, device, dtype, bad_files: BadFiles) -> dict:
     from models.label_vae import encode_masks
 
     parts: dict[str, list] = {}
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
                                          batch_size=cfg.cache_batch_size, num_workers=cfg.dataloader_num_workers)
     for batch in loader:
+        bad_files.add(batch)
         for suffix, k in _cached_views(cfg):
             image, mask = dihedral_view(batch["image"], k), dihedral_view(batch["mask"], k)
             mean, std = encode_images(models["vae"], image, device, dtype)
@@ -244,17 +274,38 @@ def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, device, dty
     return {k: torch.cat(v).contiguous() for k, v in parts.items()}
 
 
-def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
-    """The training data: a ``CachedSource`` (filled or reused on disk) or an ``ImageSource``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save
+def open_latent_cache(cache_dir: Path, num_shards: int, suffixes: list[str]) -> dict[str, MappedRows]:
+    """The cache's columns as ``MappedRows`` over memory maps of its shards, in row order
+    (``CachedSource``): every view of every item, nothing read into memory yet."""
+    maps = [map_safetensors(Path(cache_dir) / f"shard-{k:05d}.safetensors")[:2] for k in range(num_shards)]
+    columns = {}
+    for key in ("image_mean", "image_std", "label", "input_ids"):
+        if key not in maps[0][0]:
+            continue
+        names = [key] * len(suffixes) if key == "input_ids" else [key + suffix for suffix in suffixes]
+        parts = [(arrays[name], dtypes[name]) for name in names for arrays, dtypes in maps]
+        columns[key] = MappedRows([a for a, _ in parts], bfloat16=parts[0][1] == "BF16")
+    return columns
+
+
+def _shard_fingerprint(path: Path) -> str | None:
+    try:
+        return map_safetensors(path)[2].get("fingerprint")
+    except ValueError:  # absent, or cut short (a full disk): encoded again
+        return None
+
+
+def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir, bad_files: BadFiles):
+    """The training data: a ``CachedSource`` (filled or reused on disk, read through memory maps)
+    or an ``ImageSource``."""
+    from safetensors.torch import save
 
     from dataset.segmentation import DatasetError, SegmentationDataset
     from utils.io import atomic_write_bytes
 
     try:
         dataset = SegmentationDataset(info, cfg.split, size=cfg.resolution, augment=cfg.augment and not cfg.cache_latents,
-                                      captions=cfg.captions, seed=cfg.seed)
+                                      captions=cfg.captions, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
     except (DatasetError, ValueError) as e:
         die(str(e))
     if not cfg.cache_latents:
@@ -265,41 +316,25 @@ def build_latent_source(cfg, info, models: dict, accelerator, run: RunDir):
     fingerprint = _cache_fingerprint(cfg, info, dataset, models, dtype)
     n = len(dataset)
     shards = [(k, s, min(s + CACHE_SHARD_ITEMS, n)) for k, s in enumerate(range(0, n, CACHE_SHARD_ITEMS))]
-
-    def is_done(path: Path) -> bool:
-        if not path.is_file():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("fingerprint") == fingerprint
-
     todo = [s for s in shards[accelerator.process_index::accelerator.num_processes]
-            if not is_done(cache_dir / f"shard-{s[0]:05d}.safetensors")]
+            if _shard_fingerprint(cache_dir / f"shard-{s[0]:05d}.safetensors") != fingerprint]
     if todo:
         copies = {1: "", 2: " (+ flipped copies)", 8: " (+ 7 rotated / flipped copies)"}[num_views(cfg)]
         run.log(f"caching latents of {n} items{copies} in {cache_dir}")
     t0 = time.time()
     for k, start, stop in tqdm(todo, desc="latent cache", disable=not accelerator.is_main_process or not todo):
-        tensors = _encode_shard(dataset, start, stop, cfg, models, accelerator.device, dtype)
+        tensors = _encode_shard(dataset, start, stop, cfg, models, accelerator.device, dtype, bad_files)
         meta = {"fingerprint": fingerprint, "start": str(start), "stop": str(stop)}
         atomic_write_bytes(cache_dir / f"shard-{k:05d}.safetensors", save(tensors, metadata=meta))
     accelerator.wait_for_everyone()
+    bad_files.flush({}, run, 0)  # collective: the files every process replaced while encoding (step 0)
     if todo:
         run.log(f"latent cache filled in {time.time() - t0:.0f}s")
     else:
         run.log(f"reusing the latent cache in {cache_dir}")
-    loaded = [load_file(str(cache_dir / f"shard-{k:05d}.safetensors")) for k, _, _ in shards]
-    tensors = {}
-    suffixes = [suffix for suffix, _ in _cached_views(cfg)]
-    for key in ("image_mean", "image_std", "label", "input_ids"):
-        if key not in loaded[0]:
-            continue
-        if key == "input_ids":
-            rows = [part[key] for part in loaded] * len(suffixes)
-        else:
-            rows = [part[key + suffix] for suffix in suffixes for part in loaded]
-        tensors[key] = torch.cat(rows)
+    columns = open_latent_cache(cache_dir, len(shards), [suffix for suffix, _ in _cached_views(cfg)])
     preview = [dataset.caption(i) for i in range(min(16, n))]
-    return CachedSource(tensors, n, tokenize(models["tokenizer"], [""]), preview)
+    return CachedSource(columns, n, tokenize(models["tokenizer"], [""]), preview)
 
 
 class LatentBatches:
@@ -337,9 +372,37 @@ def label_vae_path(cfg: JointDiffusionConfig) -> str:
     return cfg.label_vae or str(Path(cfg.pretrained_model) / "label_vae")
 
 
-def load_models(cfg: JointDiffusionConfig):
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "org/name": a hub id rather than a local folder
+_BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+def check_model_folders(cfg: JointDiffusionConfig) -> None:
+    """Before anything loads: the base model folder has every part with complete weights, and the
+    label VAE folder (joint mode) has a complete weights file; one line naming the file otherwise."""
+    src = Path(cfg.pretrained_model)
+    if not src.exists() and not _HUB_ID.fullmatch(cfg.pretrained_model):
+        die(f"{src}: --pretrained_model folder not found (the pipeline folder written by inference.jodiffusion, "
+            "or a Stable Diffusion folder / hub id)")
+    try:
+        if src.exists():
+            check_pipeline_folder(src, _BASE_PARTS)
+        if cfg.mode == "joint" and Path(label_vae_path(cfg)).is_dir():
+            folder = Path(label_vae_path(cfg))
+            folder = folder / "label_vae" if not (folder / "config.json").is_file() else folder
+            for weights in sorted(folder.glob("*.safetensors")):
+                check_weights_file(weights)
+    except ValueError as e:
+        die(str(e))
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).strip().splitlines()[:1]) or type(e).__name__
+
+
+def load_models(cfg: JointDiffusionConfig, info):
     """Base components from ``pretrained_model``; the UNet widened here when it is not yet joint."""
     from diffusers import DDPMScheduler
+    from safetensors import SafetensorError
 
     from models.label_vae import load_label_vae
     from models.pipeline_jodiffusion import load_sd_components
@@ -349,8 +412,8 @@ def load_models(cfg: JointDiffusionConfig):
         vae, text_encoder, tokenizer, unet = load_sd_components(src).values()
         # the training schedule is the base model's (scaled_linear for SD), sampled with DDPM's add_noise
         noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        die(f"{src}: cannot load the base model ({e})")
+    except (OSError, ValueError, SafetensorError) as e:
+        die(f"{src}: cannot load the base model ({_first_line(e)})")
     c = vae.config.latent_channels
     label_vae = None
     if cfg.mode == "image":
@@ -360,8 +423,11 @@ def load_models(cfg: JointDiffusionConfig):
     lv_path = label_vae_path(cfg)
     try:
         label_vae = load_label_vae(lv_path)
-    except (OSError, ValueError) as e:
-        die(f"{lv_path}: cannot load the label VAE ({e}); pass --label_vae or run inference.jodiffusion first")
+    except (OSError, ValueError, SafetensorError) as e:
+        die(f"{lv_path}: cannot load the label VAE ({_first_line(e)}); pass --label_vae or run inference.jodiffusion first")
+    if label_vae.config.num_labels != info.num_labels:
+        die(f"{lv_path}: this label VAE was trained for {label_vae.config.num_labels} labels, but dataset "
+            f"'{info.name}' has {info.num_labels} (background + classes): it belongs to another dataset")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if label_vae.downsample_factor != factor:
         die(f"{lv_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image VAE by {factor}")
@@ -373,12 +439,24 @@ def load_models(cfg: JointDiffusionConfig):
     return vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler
 
 
+def check_8bit_adam(cfg: JointDiffusionConfig) -> None:
+    """``--use_8bit_adam`` needs bitsandbytes and a CUDA GPU: checked first, not after the models
+    are loaded and the latent cache is filled."""
+    if not cfg.use_8bit_adam:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        die("--use_8bit_adam needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(CUDA GPUs only), or pass --use_8bit_adam false")
+    if not torch.cuda.is_available():
+        die("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW); on CPU pass --use_8bit_adam false")
+
+
 def make_optimizer(cfg: JointDiffusionConfig, params):
     if cfg.use_8bit_adam:
         try:
-            import bitsandbytes as bnb
-        except ImportError:
-            die("use_8bit_adam needs bitsandbytes (pip install bitsandbytes), or pass --use_8bit_adam false")
+            import bitsandbytes as bnb  # optional (CUDA only): checked by check_8bit_adam
+        except (ImportError, RuntimeError) as e:
+            die(f"--use_8bit_adam: bitsandbytes does not import ({_first_line(e)}); pass --use_8bit_adam false")
         extra, opt_cls = {}, bnb.optim.AdamW8bit
     else:
         # foreach: one kernel per op over all parameters, not one per tensor (matters for small UNets)
@@ -475,6 +553,16 @@ def validate(pipe, prompts: list[str], cfg: JointDiffusionConfig, info, path: Pa
 
 
 def main(argv=None) -> None:
+    from dataset.segmentation import DatasetError
+
+    cfg = parse_config(JointDiffusionConfig, argv, description=__doc__)
+    try:
+        train(cfg)
+    except DatasetError as e:  # a missing folder before the first step, or too many bad files mid-run
+        die(error_line(e))  # from a DataLoader worker the message arrives inside its traceback
+
+
+def train(cfg: JointDiffusionConfig) -> None:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -482,13 +570,11 @@ def main(argv=None) -> None:
 
     from dataset import get_dataset_info
 
-    cfg = parse_config(JointDiffusionConfig, argv, description=__doc__)
     if cfg.mode not in ("joint", "image"):
         die(f"--mode must be joint or image, got {cfg.mode!r}")
     if cfg.augment_views not in AUGMENT_VIEWS:
         die(f"--augment_views must be one of {', '.join(AUGMENT_VIEWS)}, got {cfg.augment_views!r}")
-    if cfg.use_8bit_adam and not torch.cuda.is_available():
-        die("use_8bit_adam needs bitsandbytes and a CUDA GPU; on CPU pass --use_8bit_adam false")
+    check_8bit_adam(cfg)
     mixed = cfg.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():
         mixed = "no"  # fp16 autocast needs a GPU; reported in the log below
@@ -506,7 +592,8 @@ def main(argv=None) -> None:
     except ValueError as e:
         die(str(e))
 
-    vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_models(cfg)
+    check_model_folders(cfg)
+    vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_models(cfg, info)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     for frozen in (vae, label_vae, text_encoder):
         if frozen is not None:
@@ -525,7 +612,8 @@ def main(argv=None) -> None:
     run.log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {unet.config.in_channels} -> "
             f"{unet.config.out_channels} channels, attention {', '.join(attn)} (PyTorch SDPA), mixed precision {mixed}")
 
-    data = build_latent_source(cfg, info, models, accelerator, run)
+    bad_files = BadFiles(accelerator.num_processes)
+    data = build_latent_source(cfg, info, models, accelerator, run, bad_files)
     batches = LatentBatches(data, cfg.train_batch_size, accelerator.num_processes, accelerator.process_index,
                             cfg.seed, num_views(cfg))
     if batches.steps_per_epoch == 0:
@@ -574,62 +662,66 @@ def main(argv=None) -> None:
     sums = torch.zeros(3, device=accelerator.device)  # loss, image_loss, label_loss since the last log line
     skipped = SkippedSteps()
     count, t_log = 0, time.time()
-    bar = tqdm(total=max_steps, initial=global_step, desc=f"{cfg.mode} diffusion", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
-    for micro, batch in batches.iterate(global_step * cfg.gradient_accumulation_steps):
-        if global_step >= max_steps:
-            break
-        with accelerator.accumulate(unet):
-            gen = batches.step_generator(micro, accelerator.device)
-            latents, ids = data.latents(batch, gen, accelerator.device, weight_dtype)
-            noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=gen, device=latents.device)
-            drop = torch.rand(latents.shape[0], generator=gen, device=latents.device) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], empty_ids, ids)
-            with torch.no_grad():
-                text = text_encoder(ids)[0]
-            noisy = noise_scheduler.add_noise(latents, noise, t)  # one t for image and label halves
-            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                noise_scheduler.get_velocity(latents, noise, t)
-            pred = unet(noisy, t, text).sample
-            weights = None if not cfg.snr_gamma else min_snr_weights(
-                noise_scheduler.alphas_cumprod, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
-            loss, image_loss, label_loss = joint_epsilon_loss(pred, target, image_channels, cfg.label_loss_weight,
-                                                              sample_weights=weights)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums += torch.stack([loss.detach(), image_loss.detach(),
-                             (label_loss if label_loss is not None else image_loss).detach()])
-        count += 1
-        if not accelerator.sync_gradients:
-            continue
-        skipped.update(accelerator)
-        if ema_unet is not None:
-            ema_unet.step(unet.parameters())
-        global_step += 1
-        bar.update(1)
-        if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-            means = (accelerator.reduce(sums, reduction="mean") / count).tolist()
-            row = dict(step=global_step, loss=means[0], image_loss=means[1], lr=lr_scheduler.get_last_lr()[0],
-                       sec_per_step=(time.time() - t_log) / max(1, count / cfg.gradient_accumulation_steps))
-            if cfg.mode == "joint":
-                row["label_loss"] = means[2]
-            skipped.flush(row, run, global_step)
-            run.log_metrics(**row)
-            bar.set_postfix(loss=f"{means[0]:.4f}")
-            sums.zero_()
-            count, t_log = 0, time.time()
-        if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, run.path, global_step, cfg.checkpoints_total_limit, log=run.log)
-        if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < max_steps:
-            run_validation(global_step)
-    bar.close()
+    # closed (its line ended) also when a bad file stops the run, so the error line starts a line
+    with tqdm(total=max_steps, initial=global_step, desc=f"{cfg.mode} diffusion", dynamic_ncols=True,
+              disable=not accelerator.is_main_process) as bar:
+        for micro, batch in batches.iterate(global_step * cfg.gradient_accumulation_steps):
+            if global_step >= max_steps:
+                break
+            if isinstance(batch, dict):  # images read this step (a cached batch is rows of the cache)
+                bad_files.add(batch)
+            with accelerator.accumulate(unet):
+                gen = batches.step_generator(micro, accelerator.device)
+                latents, ids = data.latents(batch, gen, accelerator.device, weight_dtype)
+                noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen, device=latents.device)
+                drop = torch.rand(latents.shape[0], generator=gen, device=latents.device) < cfg.caption_dropout
+                ids = torch.where(drop[:, None], empty_ids, ids)
+                with torch.no_grad():
+                    text = text_encoder(ids)[0]
+                noisy = noise_scheduler.add_noise(latents, noise, t)  # one t for image and label halves
+                target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                    noise_scheduler.get_velocity(latents, noise, t)
+                pred = unet(noisy, t, text).sample
+                weights = None if not cfg.snr_gamma else min_snr_weights(
+                    noise_scheduler.alphas_cumprod, t, cfg.snr_gamma, noise_scheduler.config.prediction_type)
+                loss, image_loss, label_loss = joint_epsilon_loss(pred, target, image_channels, cfg.label_loss_weight,
+                                                                  sample_weights=weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), image_loss.detach(),
+                                 (label_loss if label_loss is not None else image_loss).detach()])
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            skipped.update(accelerator)
+            if ema_unet is not None:
+                ema_unet.step(unet.parameters())
+            global_step += 1
+            bar.update(1)
+            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
+                means = (accelerator.reduce(sums, reduction="mean") / count).tolist()
+                row = dict(step=global_step, loss=means[0], image_loss=means[1], lr=lr_scheduler.get_last_lr()[0],
+                           sec_per_step=(time.time() - t_log) / max(1, count / cfg.gradient_accumulation_steps))
+                if cfg.mode == "joint":
+                    row["label_loss"] = means[2]
+                skipped.flush(row, run, global_step)
+                bad_files.flush(row, run, global_step)
+                run.log_metrics(**row)
+                bar.set_postfix(loss=f"{means[0]:.4f}")
+                sums.zero_()
+                count, t_log = 0, time.time()
+            if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(accelerator, run.path, global_step, cfg.checkpoints_total_limit, log=run.log)
+            if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < max_steps:
+                run_validation(global_step)
     skipped.summary(run)
+    bad_files.summary(run)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

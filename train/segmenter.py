@@ -10,6 +10,16 @@
 The command line follows mmseg's ``tools/train.py`` (positional CONFIG, ``--cfg-options
 k=v``) rather than our YAML profiles, because the config *is* an mmseg config.
 
+The real configs start from ImageNet-pretrained backbones (MMSegmentation's checkpoints),
+fetched before anything is built: from torch hub's cache, else downloaded there; offline and
+not cached, the run stops with one line. Two overrides (see ``models/segmenter.py``):
+
+    --cfg-options model.backbone.init_cfg.checkpoint=/path/resnet50_v1c.pth   # a local copy
+    --cfg-options model.backbone.init_cfg=None                                # from scratch
+
+Bad data stops the run with one line naming the file (``dataset/mmseg_datasets.py``); a
+training file found corrupt mid-run is skipped and counted (log, ``final_metrics.json``).
+
 Only checkpoints this project wrote are loaded (``--resume``, ``--checkpoint``): each
 checkpoint gets a ``<ckpt>.sha256`` record when saved, a file without a matching record is
 refused before anything is unpickled, and loading stays ``weights_only=True`` with a narrow
@@ -19,9 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
-from utils.config import die
+from utils.config import die, error_line
+
+# mmengine's registry re-raises a build error as "class `X` in pkg/module.py: <message>"
+_REGISTRY_PREFIX = re.compile(r"^(?:class `\w+` in \S+\.py: )+")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +65,9 @@ def main(argv=None) -> dict | None:
     if args.eval_only and not args.checkpoint:
         die("--eval-only needs --checkpoint FILE")
 
-    from models.segmenter import (UntrustedCheckpointError, build_runner, load_seg_config,
-                                  train_runner, verify_checkpoint)
+    from dataset.segmentation import DatasetError
+    from models.segmenter import (PretrainedUnavailableError, UntrustedCheckpointError, build_runner,
+                                  load_seg_config, prepare_pretrained, train_runner, verify_checkpoint)
 
     try:
         cfg = load_seg_config(args.config, args.cfg_options, args.work_dir)
@@ -67,10 +82,15 @@ def main(argv=None) -> dict | None:
             die(str(e))
         cfg.load_from = args.checkpoint
     cfg.resume = bool(args.resume) and not args.eval_only
+    if not args.eval_only:  # evaluation takes every weight from --checkpoint
+        try:
+            prepare_pretrained(cfg)  # before any dataset or model is built
+        except PretrainedUnavailableError as e:
+            die(str(e))
 
     try:
         runner = build_runner(cfg)
-    except (FileNotFoundError, ValueError) as e:  # missing data folders, bad dataset settings
+    except (FileNotFoundError, ValueError) as e:  # bad settings the Runner checks
         die(f"{args.config}: {e}")
     try:
         if args.eval_only:
@@ -78,6 +98,8 @@ def main(argv=None) -> dict | None:
         return train_runner(runner)  # also writes <work-dir>/final_metrics.json
     except UntrustedCheckpointError as e:
         die(str(e))
+    except DatasetError as e:  # datasets are built (and checked) when the loops start
+        die(_REGISTRY_PREFIX.sub("", error_line(e)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dataset import get_dataset_info
 from dataset.segmentation import DatasetError, SegmentationDataset, load_captions
 from models.tiny_kit import TinySDSpec, build_tiny_sd, tiny_components, words_from_texts
-from utils.config import die, parse_config
+from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.visualize import save_grid
 
@@ -64,12 +64,15 @@ class ToyBaseModelConfig:
     logging_steps: int = field(default=50, metadata={"help": "write a metrics line every N steps"})
 
 
-def load_images(cfg: ToyBaseModelConfig, info) -> tuple[torch.Tensor, list[str]]:
-    """All training images in memory (the toy set is small), plus every caption of every split."""
+def load_images(cfg: ToyBaseModelConfig, info) -> tuple[torch.Tensor, list[str], list[str]]:
+    """All training images in memory (the toy set is small), every caption of every split, and
+    the "<path>: <problem>" of each corrupt file that was skipped (another image took its place)."""
     ds = SegmentationDataset(info, "train", size=cfg.resolution, augment=False, captions="auto")
     n = len(ds) if cfg.max_images <= 0 else min(cfg.max_images, len(ds))
-    images = torch.stack([ds[i]["image"] for i in range(n)])
-    return images, [ds.caption(i) for i in range(len(ds))] + vocabulary_texts(info)
+    items = [ds[i] for i in range(n)]
+    skipped = [it["skipped"] for it in items if it["skipped"]]
+    images = torch.stack([it["image"] for it in items])
+    return images, [ds.caption(i) for i in range(len(ds))] + vocabulary_texts(info), skipped
 
 
 def vocabulary_texts(info) -> list[str]:
@@ -124,14 +127,17 @@ def main(argv=None) -> None:
     cfg = parse_config(ToyBaseModelConfig, argv, description=__doc__)
     try:
         info = get_dataset_info(cfg.dataset, cfg.data_root)
-        images, texts = load_images(cfg, info)
+        images, texts, skipped = load_images(cfg, info)
     except (DatasetError, ValueError) as e:
-        die(str(e))
+        die(error_line(e))
     factor = 2 ** (len(cfg.vae_channels) - 1)
     if cfg.resolution % factor:
         die(f"--resolution {cfg.resolution} is not divisible by the VAE factor {factor}")
     run = RunDir(cfg.output_dir)
     run.save_config(cfg)
+    for problem in skipped:
+        run.log(f"skipped a bad file: {problem}")
+    run.log_metrics(step=0, bad_files=len(skipped))
     torch.manual_seed(cfg.seed)
     spec = TinySDSpec(
         sample_size=cfg.resolution // factor, unet_channels=tuple(cfg.unet_channels),
@@ -159,7 +165,8 @@ def main(argv=None) -> None:
     to_uint8 = lambda t: ((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     save_grid(run.path / "vae_reconstructions.png", [[to_uint8(t) for t in x], [to_uint8(t) for t in recon]], scale=4)
     build_tiny_sd(run.path, words, spec, components=comps)
-    run.log(f"wrote the base model to {run.path} (load with StableDiffusionPipeline.from_pretrained)")
+    run.log(f"wrote the base model to {run.path} (load with StableDiffusionPipeline.from_pretrained); "
+            f"{len(skipped)} bad file(s) skipped in all")
     run.close()
 
 

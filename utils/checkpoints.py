@@ -3,14 +3,22 @@
 A checkpoint appears complete or not at all (written to a temporary name, then renamed), only the
 newest ``limit`` are kept, ``latest`` finds the newest, and resuming from a checkpoint written with
 other model sizes stops with one line instead of a traceback. ``SkippedSteps`` is the two trainers'
-count of optimiser steps that fp16 loss scaling skipped.
+count of optimiser steps that fp16 loss scaling skipped, ``BadFiles`` their count of training files
+the dataset found corrupt mid-run, and ``map_safetensors`` reads a saved tensor file as memory maps
+(the joint trainer's latent cache) instead of loading it.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
+from accelerate.utils import gather_object
+
 from utils.config import die
+from utils.io import check_weights_file
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -94,3 +102,62 @@ class SkippedSteps:
         if self.total:
             run.log(f"{self.total} optimiser steps in all were skipped by fp16 loss scaling; a few at the start are "
                     "normal (the scale is being found), many later mean the loss overflows fp16: try bf16")
+
+
+class BadFiles:
+    """Training files the dataset found corrupt mid-run and replaced by the next good item
+    (``item["skipped"] = "<path>: <problem>"``; good items carry ``""``), counted per logging
+    window and in all, over every process."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes, self.window, self.total, self.distinct = num_processes, [], 0, set()
+
+    def add(self, batch: dict) -> None:
+        """Call with every collated batch (a list of ``skipped`` strings, one per item)."""
+        self.window += [s for s in batch.get("skipped", ()) if s]
+
+    def flush(self, row: dict, run, step: int) -> None:
+        """Add ``bad_files`` to a metrics row and name the files in the log. Collective: every
+        process calls it at the same steps (the files each process met are gathered)."""
+        names = gather_object(self.window) if self.num_processes > 1 else self.window
+        self.window = []
+        if names:
+            row["bad_files"] = len(names)
+            self.total += len(names)
+            self.distinct.update(names)
+            run.log(f"step {step}: skipped {len(names)} bad training file(s), each replaced by the next "
+                    "good one: " + "; ".join(sorted(set(names))))
+
+    def summary(self, run) -> None:
+        if self.total:  # a bad file is met again every epoch
+            run.log(f"{len(self.distinct)} bad training file(s) skipped, {self.total} time(s) in all; the run "
+                    "went on: " + "; ".join(sorted(self.distinct)))
+
+
+# safetensors dtype -> numpy dtype of the same width; bfloat16, which numpy lacks, maps as its bits
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
+                 "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_safetensors(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, str], dict[str, str]]:
+    """The tensors of a safetensors file as read-only memory maps, without reading their data.
+
+    Pages are read from disk when rows are used and stay in the page cache, which every process
+    mapping the same file shares: N processes on a node hold one copy, not N. Returns (arrays,
+    safetensors dtype of each, the file's metadata); ``BF16`` arrays hold the bits as int16 (view
+    them as ``torch.bfloat16``). Raises ValueError naming the file when it is incomplete.
+    """
+    check_weights_file(path)  # the header is sound and the file is as long as it says
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        table = json.loads(f.read(n).decode("utf-8"))
+    metadata = table.pop("__metadata__", None) or {}
+    whole = np.memmap(path, dtype=np.uint8, mode="r")  # one mapping per file; each tensor is a view of it
+    arrays, dtypes = {}, {}
+    for name, t in table.items():
+        if t["dtype"] not in _NUMPY_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {t['dtype']}, which cannot be memory-mapped")
+        begin, end = (8 + n + int(o) for o in t["data_offsets"])
+        arrays[name] = whole[begin:end].view(_NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+        dtypes[name] = t["dtype"]
+    return arrays, dtypes, metadata

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import re
 import sys
 import types
 import typing
@@ -95,14 +97,28 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def _did_you_mean(unknown: Sequence[str], valid: Sequence[str], prefix: str = "") -> str:
+    guesses = [f"{prefix}{m[0]}" for u in unknown
+               for m in [difflib.get_close_matches(u.lstrip("-"), valid, n=1)] if m]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line instead of usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: command line: {message}; see --help\n")
+
+
 def build_config(cls: type[T], overrides: dict | None = None, where: str = "overrides") -> T:
     """Make a config from defaults plus a dict of overrides; unknown keys are an error."""
     fields = _fields(cls)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(fields))
+    unknown = sorted(map(str, set(overrides) - set(fields)))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}"
+            f"{where}: unknown key(s) {', '.join(unknown)}{_did_you_mean(unknown, list(fields))}; "
+            f"valid keys: {', '.join(sorted(fields))}"
         )
     kwargs = {k: _convert(fields[k], v, where) for k, v in overrides.items()}
     return cls(**kwargs)
@@ -111,7 +127,7 @@ def build_config(cls: type[T], overrides: dict | None = None, where: str = "over
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Defaults < ``--config FILE`` (YAML) < ``--key value`` flags. Exits with a clear message on error."""
     fields = _fields(cls)
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=(description or cls.__doc__ or "").strip().split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
@@ -130,7 +146,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         else:
             kw.update(type=str)
         parser.add_argument(f"--{name}", **kw)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [a.split("=")[0] for a in extra if a.startswith("-")] or extra
+        parser.error(f"unknown option(s) {' '.join(flags)}"
+                     f"{_did_you_mean(flags, list(fields) + ['config'], prefix='--')}")
     values = vars(args)
     config_path = values.pop("config", None)
     try:
@@ -160,3 +180,16 @@ def die(message: str, code: int = 2) -> typing.NoReturn:
     """Print a one-line error (no traceback) and exit; for entry points on bad input."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+_EXC_PREFIX = re.compile(r"^(?:\w+\.)*\w+(?:Error|Exception): ")
+
+
+def error_line(exc: BaseException | str) -> str:
+    """The one-line message of an error, also when a DataLoader worker re-raised it wrapped in
+    its traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback ...
+    dataset.segmentation.DatasetError: <message>"): ``die(error_line(e))``."""
+    lines = [l for l in str(exc).splitlines() if l.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return _EXC_PREFIX.sub("", lines[-1].strip(), count=1)

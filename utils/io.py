@@ -10,11 +10,12 @@ import io
 import json
 import logging
 import os
+import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -62,6 +63,104 @@ def save_image_atomic(path: str | Path, array: np.ndarray, **save_kwargs) -> Non
     if fmt == "JPEG":
         save_kwargs.setdefault("quality", 95)
     atomic_write_bytes(path, encode_image(array, fmt, **save_kwargs))
+
+
+# a safetensors header is a JSON table of tensor names -> dtype, shape, byte offsets; real ones
+# are kilobytes to a few MB, so a larger length means the file is something else
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# the files that make a diffusers/transformers component folder a component
+_CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json",
+                 "preprocessor_config.json")
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Raise ValueError("<path>: ...") unless ``path`` is a complete safetensors file.
+
+    Reads only the header (8-byte length + JSON table) and compares the file's size with the
+    end of the last tensor, so a download or copy cut short is found without loading anything.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: weights file not found")
+    size = path.stat().st_size
+
+    def bad(detail: str) -> ValueError:
+        return ValueError(f"{path}: truncated or not a safetensors file ({detail})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise bad(f"header length {n} but the file has {size} bytes")
+        raw = f.read(n)
+    try:
+        table = json.loads(raw.decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in table.items() if k != "__metadata__"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError,
+            TypeError, ValueError) as e:
+        raise bad(f"header is not a safetensors tensor table: {e}") from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise bad(f"{size} bytes, its header needs {need}")
+
+
+def _check_component(folder: Path, name: str) -> None:
+    comp = folder / name
+    if not comp.is_dir():
+        raise ValueError(f"{comp}: component folder '{name}' of the pipeline is missing")
+    configs = [comp / c for c in _CONFIG_NAMES if (comp / c).is_file()]
+    if not configs:
+        raise ValueError(f"{comp}: component '{name}' has no config file ({' / '.join(_CONFIG_NAMES)})")
+    for config in configs:
+        try:
+            if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{config}: unreadable config ({e})") from None
+    if not (comp / "config.json").is_file():
+        return  # scheduler, tokenizer, processor: configuration only, no weights
+    weights = sorted(comp.glob("*.safetensors"))
+    for index in sorted(comp.glob("*.safetensors.index.json")):  # sharded weights
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise ValueError(f"{index}: broken shard index ({e})") from None
+        missing = sorted(s for s in shards if not (comp / s).is_file())
+        if missing:
+            raise ValueError(f"{comp / missing[0]}: weights shard listed in {index.name} is missing")
+    if not weights and not any(comp.glob("*.bin")):
+        raise ValueError(f"{comp}: component '{name}' has no weights file (*.safetensors)")
+    for w in weights:
+        check_weights_file(w)
+
+
+def check_pipeline_folder(folder: str | Path, components: Iterable[str] | None = None) -> None:
+    """Raise ValueError naming the first missing or broken part of a diffusers pipeline folder.
+
+    Checks ``model_index.json``, then for each component (``components``, or every non-null
+    one listed in ``model_index.json``) its folder, its config file and, for models, that every
+    safetensors weights file is complete (``check_weights_file``: header reads only).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: pipeline folder not found")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{index}: missing; {folder} is not a diffusers pipeline folder")
+    try:
+        table = json.loads(index.read_text())
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{index}: not a valid model index ({e})") from None
+    if components is None:
+        components = [k for k, v in table.items() if not k.startswith("_") and isinstance(v, list)
+                      and len(v) == 2 and v[1] is not None]
+    for name in components:
+        _check_component(folder, name)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

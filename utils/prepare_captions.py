@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import DATASET_NAMES, DatasetInfo, get_dataset_info
+from dataset.segmentation import DatasetError, read_mask
 from utils.config import die, parse_config
 from utils.io import atomic_write_json, read_jsonl
 
@@ -97,11 +98,10 @@ def class_name_captioner(info: DatasetInfo, split: str, num_workers: int) -> Cap
 
     def one(name: str) -> tuple[str, str | None, str | None]:
         path = ann_dir / f"{name}{info.seg_map_suffix}"
-        try:
-            with Image.open(path) as im:
-                labels = np.unique(np.array(im))
-        except (OSError, ValueError) as e:
-            return name, None, f"{path}: cannot read mask ({type(e).__name__}: {e})"
+        try:  # labels outside the dataset's classes are a failure, not silently dropped
+            labels = np.unique(read_mask(path, info))
+        except DatasetError as e:
+            return name, None, str(e)
         return name, info.class_name_caption(labels.tolist()), None
 
     pool = ThreadPoolExecutor(max(1, num_workers))
@@ -123,16 +123,20 @@ def load_coco_first_captions(path: Path) -> dict[str, str | None]:
     None for an image without captions."""
     if not path.is_file():
         die(f"{path}: COCO captions file not found (annotations_trainval2017.zip)")
+    if path.stat().st_size == 0:
+        die(f"{path}: COCO captions file is empty")
     try:
         data = json.loads(path.read_text())
         stems = {img["id"]: Path(img["file_name"]).stem for img in data["images"]}
         first: dict[int, tuple[int, str]] = {}
         for ann in data["annotations"]:
-            key = (ann["id"], ann["caption"])
+            key = (ann["id"], str(ann["caption"]))
             if ann["image_id"] not in first or key < first[ann["image_id"]]:
                 first[ann["image_id"]] = key
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         die(f"{path}: not a COCO captions file ({type(e).__name__}: {e})")
+    if not first:
+        die(f"{path}: COCO captions file holds no captions ({len(stems)} images, 0 annotations)")
     return {stem: (_clean(first[i][1]) if i in first else None) for i, stem in stems.items()}
 
 
@@ -205,6 +209,18 @@ def blip2_captioner(cfg: CaptionConfig, info: DatasetInfo, split: str) -> Captio
 
 
 # ---------------------------------------------------------------------------------------------
+def _read_caption_file(path: Path) -> dict[str, str]:
+    """An earlier run's caption JSON ({image id: caption}); a broken one stops the run."""
+    hint = "remove it or pass --overwrite true"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        die(f"{path}: exists but is not valid JSON ({e}); {hint}")
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        die(f"{path}: exists but is not a JSON object {{image id: caption string}}; {hint}")
+    return data
+
+
 def caption_split(names: list[str], make_captioner: Callable[[], Captioner], output: Path,
                   batch_size: int, overwrite: bool = False) -> tuple[dict[str, str], dict[str, str], int]:
     """Caption ``names`` with resume; returns (all captions, failures, number captioned now).
@@ -216,11 +232,11 @@ def caption_split(names: list[str], make_captioner: Callable[[], Captioner], out
         partial.unlink(missing_ok=True)
     done: dict[str, str] = {}
     if output.is_file() and not overwrite:
-        try:
-            done.update(json.loads(output.read_text()))
-        except json.JSONDecodeError:
-            die(f"{output}: exists but is not valid JSON; remove it or pass --overwrite true")
-    for row in read_jsonl(partial):
+        done.update(_read_caption_file(output))
+    for n, row in enumerate(read_jsonl(partial), 1):
+        if not (isinstance(row, dict) and isinstance(row.get("name"), str)
+                and isinstance(row.get("caption"), str)):
+            die(f"{partial}: line {n} is not a {{name, caption}} record; remove the file to start over")
         done[row["name"]] = row["caption"]
     todo = [n for n in names if n not in done]
     captioner = make_captioner() if todo else None

@@ -7,6 +7,12 @@ uint8 PNG per image listed in the JSON (images without annotations get an all-ba
 
     <data_root>/semantic_80/{train2017,val2017}/<image id, 12 digits>.png
 
+``<data_root>`` is the folder holding ``annotations/``, with the images either in
+``images/{train2017,val2017}/`` or, as the official archives unzip, in ``train2017/`` and
+``val2017/`` beside it (the rule is in ``dataset/coco_semantic.py``); the masks go to the same
+place in both layouts, and the line printed per split names the image folder the other stages
+will read. Only the annotations are needed here: the images are not opened.
+
 Labels follow ``dataset/coco_semantic.py``: ``0`` background, ``index in COCO_CATEGORY_IDS + 1``
 for the 80 classes (1..80), ``255`` ignore.
 
@@ -34,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataset.coco_semantic import COCO_CATEGORY_IDS, INFO
+from dataset.coco_semantic import COCO_CATEGORY_IDS, IMAGES_DIR, INFO
 from utils.config import die, parse_config
 from utils.io import save_image_atomic
 
@@ -114,14 +120,38 @@ def _convert_one(task) -> tuple[str, str | None]:
         return Path(out_path).name, f"{type(e).__name__}: {e}"
 
 
+def _entry_problem(entry, keys: tuple[str, ...], int_keys: tuple[str, ...]) -> str | None:
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        return f"lacks {', '.join(repr(k) for k in missing)}"
+    bad = [k for k in int_keys if not isinstance(entry[k], int) or isinstance(entry[k], bool)]
+    return f"has a non-integer {', '.join(repr(k) for k in bad)}" if bad else None
+
+
 def load_instances(path: Path) -> tuple[list[dict], dict[int, list[dict]]]:
-    """The images of an instances JSON and its annotations grouped by image id (only what we need)."""
+    """The images of an instances JSON and its annotations grouped by image id (only what we need).
+
+    A file that cannot be read, is not JSON or lacks the fields used here stops the run with one
+    line naming it (and the first bad entry); a malformed segmentation is found per image later.
+    """
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        die(f"{path}: not valid JSON ({e})")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        die(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        die(f"{path}: cannot read ({e.strerror or e})")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        die(f"{path}: not valid JSON, truncated or not an annotation file ({e})")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        die(f"{path}: not a COCO instances file (needs the lists 'images' and 'annotations')")
+    for kind, keys, int_keys in (("images", ("id", "height", "width"), ("id", "height", "width")),
+                                 ("annotations", ("image_id", "category_id", "segmentation"),
+                                  ("image_id", "category_id"))):
+        for i, entry in enumerate(data[kind]):
+            problem = _entry_problem(entry, keys, int_keys)
+            if problem:
+                die(f"{path}: {kind}[{i}] {problem}")
     unknown = {a["category_id"] for a in data["annotations"]} - set(CATEGORY_TO_LABEL)
     if unknown:
         die(f"{path}: category ids {sorted(unknown)} are not among COCO's 80 thing classes")
@@ -130,6 +160,14 @@ def load_instances(path: Path) -> tuple[list[dict], dict[int, list[dict]]]:
         by_image.setdefault(ann["image_id"], []).append(
             {k: ann[k] for k in ("id", "category_id", "segmentation", "iscrowd") if k in ann})
     return data["images"], by_image
+
+
+def image_folder(root: Path, split: str) -> Path | None:
+    """Where the other stages will read this split's images, by the rule of dataset/coco_semantic.py."""
+    for folder in (root / IMAGES_DIR / split, root / split):
+        if folder.is_dir():
+            return folder
+    return None
 
 
 def convert_split(instances_json: Path, out_dir: Path, num_workers: int, overwrite: bool) -> dict:
@@ -174,8 +212,11 @@ def main(argv=None) -> int:
     failed = 0
     for split, path in zip(cfg.splits, inputs):
         summary = convert_split(path, out_root / split, cfg.num_workers, cfg.overwrite)
+        images = image_folder(root, split)
         print(f"{split}: {summary['images']} images, {summary['written']} written, "
-              f"{summary['skipped']} already done, {len(summary['failures'])} failed -> {out_root / split}")
+              f"{summary['skipped']} already done, {len(summary['failures'])} failed -> {out_root / split}; "
+              + (f"images in {images}" if images else
+                 f"no image folder {root / 'images' / split} or {root / split} yet"))
         for name, err in sorted(summary["failures"].items()):
             print(f"error: {out_root / split / name}: {err}", file=sys.stderr)
         failed += len(summary["failures"])

@@ -54,7 +54,10 @@ class PrepareVocAugConfig:
 def read_id_list(path: Path) -> list[str]:
     if not path.is_file():
         die(f"{path}: not found")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        die(f"{path}: list file is empty")
+    return ids
 
 
 def load_sbd_mask(path: str | Path) -> np.ndarray:
@@ -121,6 +124,9 @@ def main(argv=None) -> int:
     cfg = parse_config(PrepareVocAugConfig, argv, description=__doc__)
     voc_root, sbd_root = Path(cfg.voc_root), Path(cfg.sbd_root)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else voc_root / "SegmentationClassAug"
+    if not voc_root.is_dir():
+        die(f"{voc_root}: VOC root not found (VOCdevkit/VOC2012 with SegmentationClass/ and "
+            "ImageSets/; pass --voc_root)")
     if not (sbd_root / "cls").is_dir():
         die(f"{sbd_root / 'cls'}: not found (SBD benchmark_RELEASE/dataset holds cls/, train.txt, val.txt)")
     trainaug, sources, tasks = plan(voc_root, sbd_root, out_dir, cfg.overwrite)

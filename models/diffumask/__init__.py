@@ -3,6 +3,7 @@
     python -m inference.diffumask --config configs/diffumask/toy.yaml
 
 attention (capture and aggregation), masks (threshold, dense CRF, adaptive gamma), affinity
-(random walk; colour or learned AffinityNet affinities), noise (k-fold noise learning), mosaic,
-prompts, generate (``generate_diffumask_dataset``), data (reading a synthetic set back).
+(random walk; colour or learned AffinityNet affinities), refine (masks of staged pairs in a CPU
+worker pool), noise (k-fold noise learning, streamed from disk), mosaic, prompts, generate
+(``generate_diffumask_dataset``), data (reading a synthetic set back, header checks).
 """

@@ -35,11 +35,20 @@ def load_subclasses(path: str | Path | None) -> dict:
     if not path.is_file():
         raise ValueError(f"{path}: sub-class file not found")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if text.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not data:
+        raise ValueError(f"{path}: sub-class file is empty; give each class a list of sub-classes, or "
+                         "leave subclass_file empty to prompt with the class names alone")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object mapping class names to sub-class lists")
+    for name, entry in data.items():
+        subs = entry.get("subclasses") if isinstance(entry, dict) else entry
+        if isinstance(subs, list) and (not subs or not all(isinstance(x, str) and x.strip() for x in subs)):
+            raise ValueError(f"{path}: class {name!r} has an empty sub-class list or an empty sub-class; "
+                             "remove the entry to prompt with the class name alone")
     return data
 
 
@@ -55,6 +64,11 @@ class PromptPlan:
             raise ValueError(f"{source}: unknown class name(s) {unknown}; classes: {list(classes)}")
         if "{word}" not in template:
             raise ValueError(f"prompt template {template!r} must contain {{word}}")
+        try:
+            template.format(subclass="", word="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompt template {template!r}: only {{subclass}} and {{word}} may be "
+                             f"filled in ({type(e).__name__}: {e})") from None
         labels = list(class_labels) if class_labels is not None else list(range(1, len(classes) + 1))
         self.template = template
         self.classes: list[ClassPrompt] = []

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Stage 3, voc: generate 40000 image + mask pairs with the trained JoDiffusion pipeline
+# Stage 3 of the voc chain: generate 40000 image + mask pairs with the trained JoDiffusion pipeline
 # (DPM-Solver++ 50 steps, guidance 8; prompts = the training captions, repeated and shuffled).
-# Hardware: ${GPUS} GPU(s), fp16. Time: about 11 h on 1 A100 at 512 px (estimate, not measured), divided by GPUS.
+# Hardware: GPUS GPU(s), fp16. Memory: 3.25 GiB per GPU at batch 8 (bench.bench_memory). Time: about 11 h on 1 A100 at 512 px (estimate, not measured), divided by GPUS.
 # Same seed -> same bytes whatever GPUS is; rerun the same command to resume.
+# Input: PIPELINE = the pipeline/ folder scripts/ldm/voc_light_joint_5e5.sh exports. The captions are
+# read from the real data: DATA_ROOT (default: data_root of dataset/voc_semantic.py).
+# Output: $OUT (mmseg layout) -> next: scripts/optim/voc_light.sh (its IN).
 # Usage: GPUS=8 bash scripts/gen/voc_light.sh [--any_flag value ...]
 set -euo pipefail
 GPUS=${GPUS:-1}
-PIPELINE=${PIPELINE:-runs/voc/jodiffusion}
-OUT=${OUT:-data/gen/voc}
+DATA_ROOT=${DATA_ROOT:-data/VOCdevkit/VOC2012}
+PIPELINE=${PIPELINE:-runs/voc/joint_5e5/pipeline}
+OUT=${OUT:-data/synthetic/voc/jodiffusion}
 
 accelerate launch --num_processes "$GPUS" -m inference.generate \
-  --pipeline "$PIPELINE" --dataset voc --num_pairs 40000 --prompt_source captions \
+  --pipeline "$PIPELINE" --dataset voc --data_root "$DATA_ROOT" --num_pairs 40000 --prompt_source captions \
   --scheduler dpmsolver++ --num_inference_steps 50 --guidance_scale 8 --output_dir "$OUT" "$@"

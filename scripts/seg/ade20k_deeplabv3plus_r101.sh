@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Stage 5: deeplabv3plus_r101 trained on generated ade20k pairs, evaluated on the real ade20k val split (mmseg).
-# Hardware: GPUS x 1 GPU (>= 24 GB), batch 4 per GPU (recipe: 4 GPUs = batch 16). Time: ~1 day (80k iters)
-# on 4 A100s. Real data_root: dataset/ade20k_semantic.py.
-# Real + synthetic: CONFIG=configs/seg/ade20k_deeplabv3plus_r101_mix.py (then the synthetic
-# folder is --cfg-options train_dataloader.dataset.datasets.0.data_root=DIR).
-# Extra flags go to train.segmenter, e.g. the generated folder:
-#   --cfg-options train_dataloader.dataset.data_root=DIR (default data/synthetic/<dataset>),
-# --resume, --eval-only --checkpoint FILE,
-# --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH
+# Stage 5 of the ade20k chain: DeepLabV3+ R101 (mmseg) trained on synthetic ade20k pairs,
+# evaluated on the real ade20k val split.
+# Hardware: GPUS x 1 GPU (>= 24 GB), batch 4 per GPU (recipe: 4 GPUs = batch 16).
+# Memory: 14.1 GB per GPU at batch 4 (MMSegmentation's log of this recipe on ADE20K); bench/results/memory.json.
+# Time: ~1 day (80k iters) on 4 A100s.
+# Synthetic data: SYNTH, by default the 20 px mask-optimized JoDiffusion set that
+# scripts/optim/ade20k_light.sh writes (why 20: its header); DiffuMask's set:
+#   SYNTH=data/synthetic/ade20k/diffumask (scripts/diffumask/ade20k.sh).
+# Real data (val/test): DATA_ROOT (default: data_root of dataset/ade20k_semantic.py).
+# Both go in as --cfg-options; a --cfg-options KEY=VALUE among the extra flags overrides them.
+# The default WORK_DIR is named after the SYNTH folder, so runs on different sets stay apart.
+# Real + synthetic: scripts/seg/ade20k_deeplabv3plus_r101_mix.sh (CONFIG=..._mix.py here would not work).
+# Backbone: ImageNet-pretrained as in the config (its header: a local checkpoint, or from scratch).
+# Extra flags go to train.segmenter: --resume, --eval-only --checkpoint FILE, --cfg-options KEY=VALUE.
 set -euo pipefail
 GPUS=${GPUS:-4}
+DATA_ROOT=${DATA_ROOT:-data/ade/ADEChallengeData2016}
+SYNTH=${SYNTH:-data/synthetic/ade20k/jodiffusion_optim20}
 CONFIG=${CONFIG:-configs/seg/ade20k_deeplabv3plus_r101_synthetic.py}
-WORK_DIR=${WORK_DIR:-runs/seg/ade20k_deeplabv3plus_r101}
+WORK_DIR=${WORK_DIR:-runs/ade20k/seg/deeplabv3plus_r101_${SYNTH##*/}}
 torchrun --nproc_per_node="$GPUS" --master_port="${PORT:-29500}" -m train.segmenter "$CONFIG" \
-    --launcher pytorch --work-dir "$WORK_DIR" "$@"
+    --launcher pytorch --work-dir "$WORK_DIR" --cfg-options "train_dataloader.dataset.data_root=$SYNTH" \
+    "val_dataloader.dataset.data_root=$DATA_ROOT" "test_dataloader.dataset.data_root=$DATA_ROOT" "$@"

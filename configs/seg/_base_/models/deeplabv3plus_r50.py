@@ -1,9 +1,10 @@
 # DeepLabV3+ with a dilated ResNet-50 (V1c: deep stem), output stride 8.
-# Pretrained backbone: init_cfg=None keeps run time offline. To start from ImageNet weights,
-# point to a local file (a plain state dict, e.g. mmseg's resnet50_v1c), for example:
-#   --cfg-options model.backbone.init_cfg.type=Pretrained \
-#                 model.backbone.init_cfg.checkpoint=/path/to/resnet50_v1c.pth
-# (or set init_cfg=dict(type="Pretrained", checkpoint="/path/to/resnet50_v1c.pth") here).
+# Backbone: ImageNet-pretrained, the checkpoint MMSegmentation's recipe uses
+# (configs/_base_/models/deeplabv3plus_r50-d8.py: pretrained='open-mmlab://resnet50_v1c'; the
+# R101 configs use open-mmlab://resnet101_v1c). train/segmenter.py takes it from torch hub's cache
+# (~/.cache/torch/hub/checkpoints/, downloaded there once); offline it stops and says so.
+#   a local copy:  --cfg-options model.backbone.init_cfg.checkpoint=/path/resnet50_v1c-2cccc1ad.pth
+#   from scratch:  --cfg-options model.backbone.init_cfg=None
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # reverted to BN on a single device
 data_preprocessor = dict(
     type="SegDataPreProcessor",
@@ -29,7 +30,7 @@ model = dict(
         norm_eval=False,
         style="pytorch",
         contract_dilation=True,
-        init_cfg=None,
+        init_cfg=dict(type="Pretrained", checkpoint="open-mmlab://resnet50_v1c"),
     ),
     decode_head=dict(
         type="DepthwiseSeparableASPPHead",

@@ -1,10 +1,14 @@
 # Mask2Former with a ResNet-50 backbone (mmseg's Mask2FormerHead over mmdet components: needs
 # mmdet installed). The top-level config sets num_classes and loss_cls.class_weight
-# ([1.0] * num_classes + [0.1] for the "no object" query).
-# Pretrained backbone: init_cfg=None keeps run time offline. To start from ImageNet weights,
-# point to a local torchvision-style ResNet-50 state dict, for example:
-#   --cfg-options model.backbone.init_cfg.type=Pretrained \
-#                 model.backbone.init_cfg.checkpoint=/path/to/resnet50.pth
+# ([1.0] * num_classes + [0.1] for the "no object" query) and trains with
+# mask2former_train_pipeline below.
+# Model, backbone checkpoint and pipeline are MMSegmentation's recipe
+# (mmseg 1.2.2, configs/mask2former/mask2former_r50_8xb2-160k_ade20k-512x512.py): the backbone
+# starts from torchvision's ImageNet ResNet-50 ('torchvision://resnet50' = resnet50-0676ba61.pth),
+# which train/segmenter.py takes from torch hub's cache (~/.cache/torch/hub/checkpoints/,
+# downloaded there once); offline it stops and says so.
+#   a local copy:  --cfg-options model.backbone.init_cfg.checkpoint=/path/resnet50-0676ba61.pth
+#   from scratch:  --cfg-options model.backbone.init_cfg=None
 data_preprocessor = dict(
     type="SegDataPreProcessor",
     mean=[123.675, 116.28, 103.53],
@@ -29,7 +33,7 @@ model = dict(
         frozen_stages=-1,
         norm_cfg=dict(type="SyncBN", requires_grad=False),
         style="pytorch",
-        init_cfg=None,
+        init_cfg=dict(type="Pretrained", checkpoint="torchvision://resnet50"),
     ),
     decode_head=dict(
         type="Mask2FormerHead",
@@ -98,3 +102,19 @@ model = dict(
     train_cfg=dict(),
     test_cfg=dict(mode="whole"),
 )
+
+# The training pipeline of that recipe, copied value for value: short side drawn from
+# 256, 307, ..., 1024 px (0.5-2.0 x 512, long side at most 2048), a 512 x 512 crop with no class
+# above 75 %, flip, photometric distortion. mmseg has Mask2Former recipes for ADE20K and
+# Cityscapes only; VOC and COCO use this one, at the 512 px crop of their DeepLabV3+ recipes.
+# LoadAnnotations takes reduce_zero_label from the dataset (True for ADE20K, as in the recipe).
+mask2former_train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations"),
+    dict(type="RandomChoiceResize", scales=[int(512 * x * 0.1) for x in range(5, 21)],
+         resize_type="ResizeShortestEdge", max_size=2048),
+    dict(type="RandomCrop", crop_size=(512, 512), cat_max_ratio=0.75),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PhotoMetricDistortion"),
+    dict(type="PackSegInputs"),
+]
