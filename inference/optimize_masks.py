@@ -27,7 +27,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dataset.synthetic import link_or_copy
 from utils.config import die, parse_config, save_config
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from utils.mask_optimization import STAT_KEYS, optimize_mask_thresholds, scaled_threshold
@@ -65,19 +65,6 @@ class OptimizeMasksConfig:
     stop_after: int | None = field(default=None, metadata={"help": "stop after this many masks (split a long job)"})
     max_bad_fraction: float = field(default=0.01, metadata={
         "help": "share of masks that may turn out corrupt (skipped) before the run stops; at least one"})
-
-
-def _place_image(src: Path, dst: Path, link: bool) -> None:
-    """Hard-link (or copy) ``src`` to ``dst`` through a temporary name (leftovers: ``_remove_temporaries``)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp{dst.suffix}")
-    tmp.unlink(missing_ok=True)
-    try:
-        if not link:
-            raise OSError("copy requested")
-        os.link(src, tmp)
-    except OSError:  # other filesystem, or links not allowed: copy instead
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _decode_mask(path: Path) -> np.ndarray:
@@ -138,7 +125,7 @@ def _process(task: tuple[str, list[int]], src: str, outs: list[str], thresholds:
     for i, t, (new, stats) in zip(which, scaled, optimize_mask_thresholds(mask, scaled, ignore_index)):
         out_p = Path(outs[i])
         _write_atomic(out_p / "ann_dir" / split / f"{name}.png", _encode_png(new))
-        _place_image(src_p / "img_dir" / split / f"{name}{img_suffix}",
+        link_or_copy(src_p / "img_dir" / split / f"{name}{img_suffix}",
                      out_p / "img_dir" / split / f"{name}{img_suffix}", link)
         records.append((i, {"name": name, **stats, "pixels": int(mask.size), "scaled_threshold": t}))
     return name, "", records

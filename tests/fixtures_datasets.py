@@ -150,3 +150,18 @@ def make_coco_unzipped(root: Path, **kwargs) -> Fixture:
         (root / spec.img_dir).rename(root / Path(spec.img_dir).name)
     (root / "images").rmdir()
     return Fixture(get_dataset_info("coco", data_root=str(root)), fx.masks, fx.captions)
+
+
+def make_mmseg_folder(root: Path, n_train: int = 6, n_val: int = 2, name_format: str = "{:03d}") -> Path:
+    """``img_dir/{train,val}`` + ``ann_dir/{train,val}`` of random 32 px toy pairs (labels 0..5)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(n):
+            name = name_format.format(i)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                root / "img_dir" / split / f"{name}.png")
+            Image.fromarray(rng.integers(0, 6, (32, 32), dtype=np.uint8)).save(
+                root / "ann_dir" / split / f"{name}.png")
+    return root

@@ -15,6 +15,7 @@ pytest.importorskip("mmcv._ext")
 
 from dataset.mmseg_datasets import JoDiffusionSegDataset  # noqa: E402
 from dataset.segmentation import DatasetError  # noqa: E402
+from tests.fixtures_datasets import make_mmseg_folder  # noqa: E402
 from train.segmenter import main  # noqa: E402
 
 TOY_CONFIG = "configs/seg/toy_unet_fcn.py"
@@ -30,16 +31,7 @@ def mmseg_scope():
 
 
 def _folder(root: Path, n_train: int = 6, n_val: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "img_dir" / split).mkdir(parents=True)
-        (root / "ann_dir" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-                root / "img_dir" / split / f"{i:03d}.png")
-            Image.fromarray(rng.integers(0, 6, (32, 32), dtype=np.uint8)).save(
-                root / "ann_dir" / split / f"{i:03d}.png")
-    return root
+    return make_mmseg_folder(root, n_train, n_val)
 
 
 def _truncate(path: Path) -> None:

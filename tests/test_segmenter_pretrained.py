@@ -9,9 +9,7 @@ import re
 from pathlib import Path
 from urllib.error import URLError
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("mmseg")
 pytest.importorskip("mmcv._ext")
@@ -21,6 +19,7 @@ import torch  # noqa: E402
 import models.segmenter as seg  # noqa: E402
 from models.segmenter import PretrainedUnavailableError, load_seg_config, prepare_pretrained  # noqa: E402
 from train.segmenter import main, parse_args  # noqa: E402
+from tests.fixtures_datasets import make_mmseg_folder  # noqa: E402
 
 TOY_CONFIG = Path("configs/seg/toy_unet_fcn.py").resolve()
 # MMSegmentation 1.2.2: deeplabv3plus_r50-d8 -> open-mmlab://resnet50_v1c, the r101-d8 configs
@@ -62,16 +61,7 @@ def _toy_with_pretrained(tmp_path: Path, checkpoint: str) -> Path:
 
 
 def _toy_data(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        (root / "img_dir" / split).mkdir(parents=True)
-        (root / "ann_dir" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-                root / "img_dir" / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 6, (32, 32), dtype=np.uint8)).save(
-                root / "ann_dir" / split / f"{i}.png")
-    return root
+    return make_mmseg_folder(root, 4, 2, "{}")
 
 
 def _tiny_run(root: Path) -> list[str]:

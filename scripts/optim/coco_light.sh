@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 4 of the coco chain: mask optimization of the generated set, thresholds 20 / 50 / 100 px at 512².
 # Writes ${IN}_optim20, _optim50, _optim100 beside the input; never edits the input.
-# Hardware: CPU, all cores. Time: about 10-30 min for 40k-80k masks on 16 cores.
+# Hardware: CPU, all cores. Time: ~40 masks/s per core at 512 px (bench/results/mask_optimization.json,
+# three thresholds), so a few minutes for 40k-80k masks on 16 cores.
 # Input: IN = the output of scripts/gen/coco_light.sh.
 # Next: scripts/seg/coco_*.sh train on ${IN}_optim20 by default (their SYNTH): the authors'
 # optimize_mask.py defaults to --area_threshold 20 and METHOD.md §5 names no other as the main one;
