@@ -149,7 +149,7 @@ def count(model) -> int:
 
 def toy_words(info) -> list[str]:
     """Every word of the toy captions (all splits) and of the class-name fallback captions."""
-    from train.toy_base_model import vocabulary_texts
+    from dataset.latents import vocabulary_texts
 
     return words_from_texts(vocabulary_texts(info))
 

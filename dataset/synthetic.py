@@ -80,6 +80,40 @@ def repeat_shuffled(items: Sequence[T], n: int, seed: int) -> list[T]:
     return out[:n]
 
 
+PROMPT_SOURCES = ("captions", "class_names", "file")
+
+
+def prompt_pool(info, source: str, prompt_file: str | None = None, caption_split: str = "train") -> list[str]:
+    """The distinct prompts a generator draws from: a split's training captions (sorted by name),
+    one class name per prompt, or the lines of ``prompt_file``. ValueError naming the file or the
+    option when there are none."""
+    from dataset.segmentation import load_captions  # here: it imports torch, which the writer's users need not
+
+    if source == "captions":
+        if not info.root().is_dir():
+            raise ValueError(f"{info.root()}: data root of dataset '{info.name}' not found (its captions are "
+                             "the prompts); pass --data_root or use --prompt_source class_names")
+        captions = load_captions(info, caption_split)  # DatasetError (a ValueError) for a broken file
+        if not captions:
+            raise ValueError(f"{info.root()}: dataset '{info.name}' has no {caption_split} captions; make "
+                             "them (utils/prepare_captions.py) or use --prompt_source class_names")
+        return [captions[k] for k in sorted(captions)]
+    if source == "class_names":
+        return [info.class_name_caption([label]) for label in range(1, info.num_labels)]
+    if source == "file":
+        if not prompt_file or not Path(prompt_file).is_file():
+            raise ValueError(f"{prompt_file}: prompt file not found (needed by --prompt_source file)")
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{prompt_file}: unreadable prompt file ({e})") from None
+        pool = [line.strip() for line in text.splitlines() if line.strip()]
+        if not pool:
+            raise ValueError(f"{prompt_file}: no prompts in the file")
+        return pool
+    raise ValueError(f"--prompt_source must be captions, class_names or file, got {source!r}")
+
+
 class SyntheticWriter:
     """Writes pairs into the layout above; safe to share between processes (one file per pair)."""
 
@@ -134,6 +168,15 @@ class SyntheticWriter:
         for p in sorted(self.parts_dir.glob("[0-9]*.json")):
             rows.append(json.loads(p.read_text()))
         return sorted(rows, key=lambda r: r["index"])
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """ValueError if pairs already written here were made with other ``settings`` (a rerun
+        resumes only the same job)."""
+        done = self.records()
+        if done and {k: done[0]["settings"].get(k) for k in settings} != settings:
+            old = done[0]["settings"]
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
+            raise ValueError(f"{self.out}: holds pairs made with other settings ({diff}); use another --output_dir")
 
     def remove_temporaries(self) -> int:
         """Delete leftovers of interrupted atomic writes (hidden ``.name.XXXX.tmp*`` files)."""

@@ -24,9 +24,7 @@ file before anything is loaded or written.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -34,13 +32,12 @@ from accelerate.utils import parse_flag_from_env
 from tqdm import tqdm
 
 from dataset import DATASET_NAMES, get_dataset_info
-from dataset.segmentation import DatasetError, load_captions
-from dataset.synthetic import SyntheticWriter, batches, pair_seed, repeat_shuffled, shard
-from models.pipeline_jodiffusion import LATENT_SAMPLER_DEFAULTS, JoDiffusionPipeline
+from dataset.synthetic import SyntheticWriter, batches, pair_seed, prompt_pool, repeat_shuffled, shard
+from models.pipeline_jodiffusion import (SCHEDULER_CLASSES, check_jodiffusion_folder, load_jodiffusion_pipeline,
+                                         make_scheduler)
 from utils.config import config_to_dict, die, parse_config
-from utils.io import RunDir, check_pipeline_folder
-
-SCHEDULERS = ("dpmsolver++", "ddim", "euler", "euler_ancestral", "unipc", "pndm")
+from utils.io import RunDir
+from utils.precision import PRECISIONS, cpu_generators, resolve_precision, weight_dtype
 
 
 @dataclass
@@ -60,7 +57,7 @@ class GenerateConfig:
     seed: int = field(default=0, metadata={"help": "base seed: prompt order and every pair's noise"})
     num_inference_steps: int = field(default=50, metadata={"help": "sampling steps (paper: 50)"})
     guidance_scale: float = field(default=8.0, metadata={"help": "classifier-free guidance (paper: 8)"})
-    scheduler: str = field(default="dpmsolver++", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
+    scheduler: str = field(default="dpmsolver++", metadata={"help": f"one of {', '.join(SCHEDULER_CLASSES)}"})
     batch_size: int = field(default=8, metadata={"help": "pairs per forward pass (part of the settings: it fixes batch composition)"})
     height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
@@ -76,50 +73,18 @@ class GenerateConfig:
     preview_count: int = field(default=8, metadata={"help": "pairs shown in preview.png"})
 
 
+def _or_die(fn, *args):
+    """``fn(*args)``; a ValueError (its message names the file or option) stops with that one line."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        die(str(e))
+
+
 def make_prompts(cfg: GenerateConfig, info) -> list[str]:
     """The ``num_pairs`` prompts, identical on every process (they depend only on the config)."""
-    if cfg.prompt_source == "captions":
-        if not info.root().is_dir():
-            die(f"{info.root()}: data root of dataset '{info.name}' not found (its captions are the "
-                "prompts); pass --data_root or use --prompt_source class_names")
-        try:
-            captions = load_captions(info, cfg.caption_split)
-        except DatasetError as e:
-            die(str(e))
-        if not captions:
-            die(f"{info.root()}: dataset '{info.name}' has no {cfg.caption_split} captions; make them "
-                "(utils/prepare_captions.py) or use --prompt_source class_names")
-        pool = [captions[k] for k in sorted(captions)]
-    elif cfg.prompt_source == "class_names":
-        pool = [info.class_name_caption([label]) for label in range(1, info.num_labels)]
-    elif cfg.prompt_source == "file":
-        if not cfg.prompt_file or not Path(cfg.prompt_file).is_file():
-            die(f"{cfg.prompt_file}: prompt file not found (needed by --prompt_source file)")
-        try:
-            text = Path(cfg.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"{cfg.prompt_file}: unreadable prompt file ({e})")
-        pool = [line.strip() for line in text.splitlines() if line.strip()]
-        if not pool:
-            die(f"{cfg.prompt_file}: no prompts in the file")
-    else:
-        die(f"--prompt_source must be captions, class_names or file, got {cfg.prompt_source!r}")
+    pool = _or_die(prompt_pool, info, cfg.prompt_source, cfg.prompt_file, cfg.caption_split)
     return repeat_shuffled(pool, cfg.num_pairs, cfg.seed)
-
-
-def make_scheduler(name: str, config):
-    import diffusers
-
-    classes = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
-               "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
-               "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
-    if name not in classes:
-        die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-
-    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
-    # a config that did not come through JoDiffusionPipeline (which fills these in): DDIM must not clip latents
-    config = {**LATENT_SAMPLER_DEFAULTS, **dict(config)}
-    return getattr(diffusers, classes[name]).from_config(config, **extra)
 
 
 def settings_of(cfg: GenerateConfig, dtype: torch.dtype) -> dict:
@@ -130,9 +95,6 @@ def settings_of(cfg: GenerateConfig, dtype: torch.dtype) -> dict:
     out = {k: v for k, v in config_to_dict(cfg).items() if k in keep}
     out.update(checkpoint=cfg.pipeline, dtype=str(dtype).replace("torch.", ""))
     return out
-
-
-PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_inputs(cfg: GenerateConfig):
@@ -149,45 +111,17 @@ def check_inputs(cfg: GenerateConfig):
         die("--cpu_threads must be >= 1, or 0 for the launcher's choice")
     if cfg.mixed_precision not in ("auto", *PRECISIONS):
         die(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.scheduler not in SCHEDULERS:
-        die(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
     try:
-        info = get_dataset_info(cfg.dataset, cfg.data_root)
+        make_scheduler(cfg.scheduler)  # the name, checked where samplers are built
     except ValueError as e:
-        die(str(e))
+        die(f"--{e}")
+    info = _or_die(get_dataset_info, cfg.dataset, cfg.data_root)
     if not (0 <= cfg.low_confidence_label < info.num_labels or cfg.low_confidence_label == info.ignore_index):
         die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
     if not cfg.pipeline:
         die("--pipeline is required: a JoDiffusion pipeline folder (train.joint_diffusion writes <output_dir>/pipeline)")
-    try:
-        check_pipeline_folder(cfg.pipeline)
-    except ValueError as e:
-        die(f"{e}; pass a save_pretrained folder (train.joint_diffusion writes <output_dir>/pipeline)")
-    label_config = Path(cfg.pipeline) / "label_vae" / "config.json"
-    if not label_config.is_file():
-        die(f"{label_config.parent}: no label VAE in this pipeline folder; is it a JoDiffusion pipeline?")
-    num_labels = json.loads(label_config.read_text(encoding="utf-8")).get("num_labels")
-    if num_labels != info.num_labels:
-        die(f"{label_config.parent}: this label VAE decodes {num_labels} labels but dataset '{info.name}' "
-            f"has {info.num_labels}: it was trained for another dataset; pass the pipeline made for '{info.name}'")
+    _or_die(check_jodiffusion_folder, cfg.pipeline, info.num_labels, info.name)
     return info, make_prompts(cfg, info)
-
-
-def load_pipeline(cfg: GenerateConfig, dtype: torch.dtype, device) -> JoDiffusionPipeline:
-    """The pipeline on ``device`` with the chosen sampler; a load error is one line naming the folder."""
-    try:
-        pipe = JoDiffusionPipeline.from_pretrained(cfg.pipeline, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_pipeline_folder still hides
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        die(f"{cfg.pipeline}: cannot load the pipeline ({lines[0]})")
-    pipe = pipe.to(device)
-    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        pipe.check_components()
-    except ValueError as e:
-        die(f"{cfg.pipeline}: {e}")
-    return pipe
 
 
 def main(argv=None) -> None:
@@ -200,21 +134,14 @@ def main(argv=None) -> None:
         # after PartialState, which sets its own count when OMP_NUM_THREADS is unset; before any
         # model work: CPU kernels split float reductions by thread, so this fixes the bytes
         torch.set_num_threads(cfg.cpu_threads)
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "fp16" if state.device.type == "cuda" else "no"
-    dtype = PRECISIONS[precision]
-
-    pipe = load_pipeline(cfg, dtype, state.device)
+    precision = resolve_precision(cfg.mixed_precision, state.device)
+    dtype = weight_dtype(precision)
+    pipe = _or_die(load_jodiffusion_pipeline, cfg.pipeline, dtype, state.device, cfg.scheduler)
     run = RunDir(cfg.output_dir, is_main=state.is_main_process, name="generate")
     run.save_config(cfg)
     writer = SyntheticWriter(cfg.output_dir, info.name, img_suffix="." + cfg.image_format)
     settings = settings_of(cfg, dtype)
-    done = writer.records()
-    if done and {k: done[0]["settings"].get(k) for k in settings} != settings:
-        old = done[0]["settings"]
-        diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
-        die(f"{cfg.output_dir}: holds pairs made with other settings ({diff}); use another --output_dir")
+    _or_die(writer.check_settings, settings)
 
     mine = shard(batches(range(cfg.num_pairs), cfg.batch_size), state.process_index, state.num_processes)
     todo = sum(1 for b in mine for i in b if not writer.is_done(i))
@@ -250,8 +177,7 @@ def generate_pairs(cfg: GenerateConfig, pipe, prompts: list[str], mine: list[lis
         seeds = [pair_seed(cfg.seed, i) for i in batch]
         out = pipe([prompts[i] for i in batch], num_inference_steps=cfg.num_inference_steps,
                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                   confidence_threshold=cfg.confidence_threshold)
+                   generator=cpu_generators(seeds), confidence_threshold=cfg.confidence_threshold)
         masks = out.masks
         if cfg.low_confidence_label != 255:
             masks = masks.copy()

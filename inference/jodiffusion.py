@@ -37,7 +37,7 @@ def main(argv=None) -> None:
 
     from models.joint_unet import widen_unet_for_labels
     from models.label_vae import encode_masks, load_label_vae
-    from models.pipeline_jodiffusion import JoDiffusionPipeline, load_sd_components
+    from models.pipeline_jodiffusion import JoDiffusionPipeline, load_sd_components, make_scheduler, vae_scale_factor
 
     cfg = parse_config(InitConfig, argv, description=__doc__)
     src = cfg.base_model
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     c = vae.config.latent_channels
     if unet.config.in_channels != c:
         die(f"{src}: the UNet already takes {unet.config.in_channels} channels (not {c}); is it widened already?")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     side = factor * 8
     with torch.no_grad():
         probe = encode_masks(label_vae, torch.zeros(1, side, side, dtype=torch.long))
@@ -67,8 +67,7 @@ def main(argv=None) -> None:
     n0 = sum(p.numel() for p in unet.parameters())
     widen_unet_for_labels(unet, label_channels=label_vae.config.latent_channels)
     n1 = sum(p.numel() for p in unet.parameters())
-    scheduler = DPMSolverMultistepScheduler.from_config(base_scheduler_config, algorithm_type="dpmsolver++",
-                                                        solver_order=2)
+    scheduler = make_scheduler("dpmsolver++", base_scheduler_config)
     pipe = JoDiffusionPipeline(vae=vae, label_vae=label_vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(run.path), safe_serialization=True)

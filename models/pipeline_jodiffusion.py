@@ -30,16 +30,21 @@ the batch composition fixed, as ``inference.generate`` does.
 """
 from __future__ import annotations
 
+import inspect
+
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from models.label_vae import decode_latents_to_masks
+from utils.io import check_pipeline_folder
 
 # The authors' sampling settings (METHOD.md §4).
 DEFAULT_STEPS = 50
@@ -83,6 +88,34 @@ def default_scheduler_config() -> dict:
 LATENT_SAMPLER_DEFAULTS = dict(clip_sample=False, set_alpha_to_one=False)
 
 
+SCHEDULER_CLASSES = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
+                     "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+                     "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
+
+
+def make_scheduler(name: str = "dpmsolver++", config=None):
+    """The one place a sampler is built: ``name`` (``SCHEDULER_CLASSES``) on ``config`` (a
+    pipeline's or a training noise schedule's; default: ``default_scheduler_config()``).
+    DPM-Solver++ is multistep order 2 (the authors'); every config gets
+    ``LATENT_SAMPLER_DEFAULTS`` (those the class takes) where it lacks them, so DDIM and DDPM
+    never clip latents."""
+    import diffusers
+
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_CLASSES)}, got {name!r}")
+    cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+    accepted = inspect.signature(cls.__init__).parameters  # a key the class lacks would only be stored
+    defaults = {k: v for k, v in LATENT_SAMPLER_DEFAULTS.items() if k in accepted}
+    config = {**defaults, **dict(default_scheduler_config() if config is None else config)}
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
+    return cls.from_config(config, **extra)
+
+
+def vae_scale_factor(vae) -> int:
+    """How much an SD-layout autoencoder downsamples: 2 per stage after the first (SD: 8)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def with_latent_sampler_defaults(scheduler):
     """Write ``LATENT_SAMPLER_DEFAULTS`` into a scheduler's config where it has no such key, so that
     a scheduler swapped in with ``from_config`` (and a saved pipeline's config) carries them."""
@@ -107,7 +140,7 @@ class JoDiffusionPipeline(DiffusionPipeline):
     # -- sizes -------------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def image_latent_channels(self) -> int:
@@ -209,18 +242,7 @@ class JoDiffusionPipeline(DiffusionPipeline):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
-        cond = self.encode_prompt(prompts, device)
-        if do_cfg:
-            negatives = negative_prompt if negative_prompt is not None else ""
-            negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
-            if len(negatives) != batch:
-                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-            text = torch.cat([self.encode_prompt(negatives, device), cond])
-        else:
-            text = cond
-        unet_dtype = self.unet.dtype
-        text = text.to(unet_dtype)
-
+        text = self._text_embeddings(prompts, negative_prompt, do_cfg, device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = self.prepare_latents(batch, height, width, torch.float32, device, generator)
@@ -230,6 +252,31 @@ class JoDiffusionPipeline(DiffusionPipeline):
         # updates subtract nearly equal numbers
         extra = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
 
+        latents = self._denoise(latents, text, guidance_scale, extra, callback_on_step_end)
+        out = self._output(latents, output_type, confidence_threshold)
+        self.maybe_free_model_hooks()
+        return out if return_dict else (out.images, out.masks, out.confidence)
+
+
+    def _text_embeddings(self, prompts: list[str], negative_prompt, do_cfg: bool, device) -> torch.Tensor:
+        """The prompts' embeddings in the UNet's dtype, after the negatives' when guiding."""
+        cond = self.encode_prompt(prompts, device)
+        if do_cfg:
+            batch = len(prompts)
+            negatives = negative_prompt if negative_prompt is not None else ""
+            negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
+            text = torch.cat([self.encode_prompt(negatives, device), cond])
+        else:
+            text = cond
+        return text.to(self.unet.dtype)
+
+    def _denoise(self, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float, extra: dict,
+                 callback_on_step_end) -> torch.Tensor:
+        """The scheduler's timesteps from ``latents`` (fp32), guided when ``text`` holds the negatives."""
+        do_cfg = guidance_scale > 1.0
+        unet_dtype = self.unet.dtype
         timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
@@ -243,19 +290,19 @@ class JoDiffusionPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     callback_on_step_end(i, int(t), latents)
                 bar.update()
+        return latents
 
+    def _output(self, latents: torch.Tensor, output_type: str, confidence_threshold: float):
+        """Final joint latents -> ``JoDiffusionPipelineOutput`` of ``output_type``."""
         if output_type == "latent":
             c = self.image_latent_channels
-            out = JoDiffusionPipelineOutput(images=latents[:, :c], masks=latents[:, c:], confidence=None)
-        else:
-            images, masks, confidence = self.decode_latents(latents, confidence_threshold)
-            if output_type == "np":
-                images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                masks = masks.to(torch.uint8).cpu().numpy()
-                confidence = confidence.cpu().numpy()
-            out = JoDiffusionPipelineOutput(images=images, masks=masks, confidence=confidence)
-        self.maybe_free_model_hooks()
-        return out if return_dict else (out.images, out.masks, out.confidence)
+            return JoDiffusionPipelineOutput(images=latents[:, :c], masks=latents[:, c:], confidence=None)
+        images, masks, confidence = self.decode_latents(latents, confidence_threshold)
+        if output_type == "np":
+            images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            masks = masks.to(torch.uint8).cpu().numpy()
+            confidence = confidence.cpu().numpy()
+        return JoDiffusionPipelineOutput(images=images, masks=masks, confidence=confidence)
 
 
 def _step_params(scheduler) -> set[str]:
@@ -264,9 +311,43 @@ def _step_params(scheduler) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
 
+def check_jodiffusion_folder(folder: str, num_labels: int, dataset_name: str) -> None:
+    """Checks that need no model: ``folder`` is a complete ``save_pretrained`` JoDiffusion folder
+    (files, weight headers) whose label VAE decodes ``num_labels`` labels. ValueError naming the part."""
+    try:
+        check_pipeline_folder(folder)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass a save_pretrained folder (train.joint_diffusion writes <output_dir>/pipeline)") from None
+    label_config = Path(folder) / "label_vae" / "config.json"
+    if not label_config.is_file():
+        raise ValueError(f"{label_config.parent}: no label VAE in this pipeline folder; is it a JoDiffusion pipeline?")
+    found = json.loads(label_config.read_text(encoding="utf-8")).get("num_labels")
+    if found != num_labels:
+        raise ValueError(f"{label_config.parent}: this label VAE decodes {found} labels but dataset '{dataset_name}' "
+                         f"has {num_labels}: it was trained for another dataset; pass the pipeline made for '{dataset_name}'")
+
+
+def load_jodiffusion_pipeline(folder: str, dtype: torch.dtype, device, scheduler: str = "dpmsolver++"):
+    """A saved pipeline on ``device`` sampling with ``scheduler`` (``make_scheduler`` on its own
+    config), progress bar off; a load error or mismatched parts are one ValueError naming the folder."""
+    try:
+        pipe = JoDiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_pipeline_folder still hides
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ValueError(f"{folder}: cannot load the pipeline ({lines[0]})") from None
+    pipe = pipe.to(device)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.check_components()
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+    return pipe
+
+
 def build_jodiffusion_pipeline(base: dict, label_vae, joint_unet, scheduler=None) -> JoDiffusionPipeline:
     """Assemble a pipeline from SD components (``vae``, ``text_encoder``, ``tokenizer``), a label VAE
     and a widened UNet; the scheduler defaults to DPM-Solver++ with the authors' settings."""
-    scheduler = scheduler or DPMSolverMultistepScheduler(**default_scheduler_config())
+    scheduler = scheduler or make_scheduler()
     return JoDiffusionPipeline(vae=base["vae"], label_vae=label_vae, text_encoder=base["text_encoder"],
                                tokenizer=base["tokenizer"], unet=joint_unet, scheduler=scheduler)

@@ -129,13 +129,13 @@ def test_generation_stopped_during_the_masks_resumes_to_the_same_bytes(tmp_path,
     args = ["--config", "configs/diffumask/toy.yaml", "--base_model", str(base), "--classes", "circle", "square",
             "--images_per_class", "3", "--num_inference_steps", "2", "--batch_size", "2", "--crf_workers", "2"]
     main(args + ["--output_dir", str(tmp_path / "clean")])
-    count = generate._MaskStats.__call__
+    count = generate.MaskStats.__call__
 
     def stop_after_first(self, result):
         count(self, result)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate._MaskStats, "__call__", stop_after_first)
+    monkeypatch.setattr(generate.MaskStats, "__call__", stop_after_first)
     with pytest.raises(KeyboardInterrupt):
         main(args + ["--output_dir", str(tmp_path / "stopped")])
     monkeypatch.undo()

@@ -104,15 +104,16 @@ def test_two_processes_share_the_batches_and_resume_to_the_same_weights(world):
 
 def _train_and_record_rows(rows_dir: str, argv: list[str]) -> None:
     """The real entry point; the cache rows each micro-step trains on go to ``rows-<rank>.json``."""
+    from dataset.latents import CachedSource
     from train import joint_diffusion
 
-    seen, latents = [], joint_diffusion.CachedSource.latents
+    seen, latents = [], CachedSource.latents
 
     def recording(self, rows, *args, **kwargs):
         seen.append(rows.tolist())
         return latents(self, rows, *args, **kwargs)
 
-    joint_diffusion.CachedSource.latents = recording
+    CachedSource.latents = recording
     try:
         joint_diffusion.main(argv)
     finally:

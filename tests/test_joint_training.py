@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dataset import latents
 from dataset.toy_shapes import write_toy_dataset
 from models.label_vae import LabelVAE
 from utils.io import read_jsonl
@@ -216,7 +217,7 @@ def test_validation_grid_draws_its_noise_on_the_cpu_whatever_the_device(tmp_path
     from types import SimpleNamespace
 
     from dataset import get_dataset_info
-    from train.joint_diffusion import JointDiffusionConfig, validate
+    from utils.training import validation_grid
 
     calls = []
 
@@ -231,31 +232,17 @@ def test_validation_grid_draws_its_noise_on_the_cpu_whatever_the_device(tmp_path
 
     import contextlib
 
-    accelerator = SimpleNamespace(device=torch.device("cuda"), autocast=contextlib.nullcontext)
-    cfg = JointDiffusionConfig(mode="joint", seed=5)
-    validate(FakePipe(), ["a red circle", "a blue ring"], cfg, get_dataset_info("toy"), tmp_path / "grid.png", accelerator)
+    validation_grid(FakePipe(), ["a red circle", "a blue ring"], [5, 6], tmp_path / "grid.png", contextlib.nullcontext,
+                    info=get_dataset_info("toy"), num_inference_steps=2, guidance_scale=8.0)
     assert calls == [[("cpu", 5), ("cpu", 6)]]
     assert (tmp_path / "grid.png").exists()
-
-
-def test_dihedral_views_are_the_eight_rotations_and_flips():
-    from train.joint_diffusion import dihedral_view
-
-    x = torch.arange(12.0).view(1, 3, 4)[:, :, :3]  # 3x3, no symmetry
-    views = [dihedral_view(x, k) for k in range(8)]
-    expected = [np.rot90(x[0].numpy(), r) for r in range(4)]
-    expected += [np.fliplr(e) for e in expected]
-    for got, want in zip(views, expected):
-        np.testing.assert_array_equal(got[0].numpy(), want)
-    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
-    assert all(v.is_contiguous() for v in views)
 
 
 def test_dihedral_augmentation_caches_eight_views_and_trains_on_all_of_them(world, capsys):
     """--augment_views dihedral (the toy benchmark's joint stage): every item is cached in its 8
     rotations / flips, and training draws from all of them."""
     from train import joint_diffusion
-    from train.joint_diffusion import CachedSource, LatentBatches
+    from dataset.latents import CachedSource, LatentBatches
 
     common = CPU_FAST + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
                          "--label_vae", str(world / "label_vae"), "--train_batch_size", "8", "--cache_latents",
@@ -335,7 +322,7 @@ def mapped_run(world):
     from train import joint_diffusion
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(joint_diffusion, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
+        mp.setattr(latents, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
         joint_diffusion.main(CACHED + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
                                        "--label_vae", str(world / "label_vae"), "--cache_dir", str(world / "cache_mm"),
                                        "--output_dir", str(world / "mapped")])
@@ -343,7 +330,7 @@ def mapped_run(world):
 
 
 def test_latent_cache_is_read_through_memory_maps_of_its_shards(mapped_run, tmp_path):
-    from train.joint_diffusion import open_latent_cache
+    from dataset.latents import open_latent_cache
 
     cache = tmp_path / "cache"
     shutil.copytree(mapped_run[1], cache)
@@ -367,32 +354,11 @@ def test_latent_cache_is_read_through_memory_maps_of_its_shards(mapped_run, tmp_
     assert columns["image_mean"][[0]].flatten()[0] == 1234.5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32])
-def test_mapped_rows_are_the_rows_of_the_concatenated_tensors(tmp_path, dtype):
-    """The cache's dtypes under fp16 / bf16 / no mixed precision (and the token ids): rows gathered
-    across files and parts come back as ``torch.cat(parts)[rows]``, bit for bit."""
-    from safetensors.torch import save_file
-
-    from train.joint_diffusion import MappedRows
-    from utils.checkpoints import map_safetensors
-
-    parts = [(torch.randn(n, 2, 3) * 100).to(dtype) for n in (5, 3, 4)]
-    for k, part in enumerate(parts):
-        save_file({"x": part, "other": torch.zeros(k + 1)}, tmp_path / f"{k}.safetensors")
-    mapped = [map_safetensors(tmp_path / f"{k}.safetensors") for k in range(3)]
-    assert all(dtypes["x"] == {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
-                               torch.int32: "I32"}[dtype] for _, dtypes, _ in mapped)
-    rows = MappedRows([arrays["x"] for arrays, _, _ in mapped], bfloat16=dtype == torch.bfloat16)
-    pick = torch.tensor([11, 0, 4, 5, 7, 8, 4])
-    got = rows[pick]
-    assert len(rows) == 12 and got.dtype == dtype and torch.equal(got, torch.cat(parts)[pick])
-
-
 def test_memory_mapped_cache_trains_the_same_bytes_as_a_cache_loaded_into_memory(world, mapped_run, monkeypatch):
     from train import joint_diffusion
 
-    monkeypatch.setattr(joint_diffusion, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
-    monkeypatch.setattr(joint_diffusion, "open_latent_cache", _in_memory_cache)  # the loading it replaced
+    monkeypatch.setattr(latents, "CACHE_SHARD_ITEMS", SHARD_ITEMS)
+    monkeypatch.setattr(latents, "open_latent_cache", _in_memory_cache)  # the loading it replaced
     out = world / "in_memory"
     joint_diffusion.main(CACHED + ["--data_root", str(world / "toy"), "--pretrained_model", str(world / "base"),
                                    "--label_vae", str(world / "label_vae"), "--cache_dir", str(mapped_run[1]),

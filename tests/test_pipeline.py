@@ -144,7 +144,7 @@ def test_ddim_swapped_in_from_the_config_does_not_clip_the_latents(tmp_path):
     DPM-Solver++, and ``inference.generate --scheduler ddim`` adds them for older pipelines too."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    from inference.generate import make_scheduler
+    from models.pipeline_jodiffusion import make_scheduler
 
     pipe = make_tiny_pipeline()
     pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)

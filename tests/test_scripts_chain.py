@@ -36,7 +36,7 @@ CONFIG_CLASSES = {
     "train.toy_base_model": ("train.toy_base_model", "ToyBaseModelConfig"),
     "inference.generate": ("inference.generate", "GenerateConfig"),
     "inference.optimize_masks": ("inference.optimize_masks", "OptimizeMasksConfig"),
-    "inference.diffumask": ("models.diffumask.generate", "DiffuMaskConfig"),
+    "inference.diffumask": ("inference.diffumask", "DiffuMaskConfig"),
     "inference.diffumask_noise_filter": ("inference.diffumask_noise_filter", "NoiseFilterConfig"),
 }
 # what the trainers write inside their --output_dir (train/label_vae.py, train/joint_diffusion.py)

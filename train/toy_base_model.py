@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import get_dataset_info
-from dataset.segmentation import DatasetError, SegmentationDataset, load_captions
+from dataset.latents import vocabulary_texts
+from dataset.segmentation import DatasetError, SegmentationDataset
 from models.tiny_kit import TinySDSpec, build_tiny_sd, tiny_components, words_from_texts
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir
@@ -73,15 +74,6 @@ def load_images(cfg: ToyBaseModelConfig, info) -> tuple[torch.Tensor, list[str],
     skipped = [it["skipped"] for it in items if it["skipped"]]
     images = torch.stack([it["image"] for it in items])
     return images, [ds.caption(i) for i in range(len(ds))] + vocabulary_texts(info), skipped
-
-
-def vocabulary_texts(info) -> list[str]:
-    """The texts the toy tokenizer's vocabulary is built from: every stored caption of every split,
-    plus the class-name fallback captions ("a photo of circle, ring"), which must tokenise too."""
-    texts = []
-    for split in info.splits:
-        texts += list((load_captions(info, split) or {}).values())
-    return texts + [info.class_name_caption(range(info.num_labels))] + list(info.classes)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: ToyBaseModelConfig, run: RunDir) -> None:

@@ -5,7 +5,9 @@ newest ``limit`` are kept, ``latest`` finds the newest, and resuming from a chec
 other model sizes stops with one line instead of a traceback. ``SkippedSteps`` is the two trainers'
 count of optimiser steps that fp16 loss scaling skipped, ``BadFiles`` their count of training files
 the dataset found corrupt mid-run, and ``map_safetensors`` reads a saved tensor file as memory maps
-(the joint trainer's latent cache) instead of loading it.
+(the joint trainer's latent cache) instead of loading it. ``resume_step`` is both trainers'
+``--resume_from_checkpoint``; ``unet_checkpoint_hooks`` makes ``save_state`` write a diffusers UNet
+(and its EMA) in ``save_pretrained`` format.
 """
 from __future__ import annotations
 
@@ -161,3 +163,51 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, s
         arrays[name] = whole[begin:end].view(_NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
         dtypes[name] = t["dtype"]
     return arrays, dtypes, metadata
+
+
+def resume_step(accelerator, run, output_dir: Path, which: str | None) -> int:
+    """Load ``which`` (``latest`` or a checkpoint-N folder) into the prepared objects and return its
+    step; 0 when there is nothing to resume. A checkpoint with a cut-short weights file (a copy or
+    a save interrupted) stops with one line."""
+    ckpt = find_checkpoint(output_dir, which) if which else None
+    if ckpt is None:
+        if which:
+            run.log(f"no checkpoint in {output_dir}; starting from scratch")
+        return 0
+    for weights in sorted(ckpt.glob("*.safetensors")):
+        try:
+            check_weights_file(weights)
+        except ValueError as e:
+            die(f"{e}; resume from an earlier checkpoint-N (--resume_from_checkpoint) or delete this one")
+    load_training_state(accelerator, ckpt)
+    run.log(f"resumed from {ckpt} at step {checkpoint_step(ckpt)}")
+    return checkpoint_step(ckpt)
+
+
+def unet_checkpoint_hooks(accelerator, ema_unet=None) -> None:
+    """``save_state`` writes the UNet as ``unet/`` (save_pretrained, safetensors) and the EMA
+    weights as ``unet_ema/``; ``load_state`` reads them back."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "unet", safe_serialization=True)
+            if ema_unet is not None:
+                ema_unet.save_pretrained(str(Path(output_dir) / "unet_ema"))
+        while weights:
+            weights.pop()  # written above; keep accelerate from writing the same weights again
+
+    def load_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(str(Path(input_dir) / "unet_ema"), UNet2DConditionModel, foreach=True)
+            ema_unet.load_state_dict(loaded.state_dict())
+            ema_unet.to(accelerator.device)
+        while models:
+            model = models.pop()
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

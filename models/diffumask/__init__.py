@@ -5,5 +5,6 @@
 attention (capture and aggregation), masks (threshold, dense CRF, adaptive gamma), affinity
 (random walk; colour or learned AffinityNet affinities), refine (masks of staged pairs in a CPU
 worker pool), noise (k-fold noise learning, streamed from disk), mosaic, prompts, generate
-(``generate_diffumask_dataset``), data (reading a synthetic set back, header checks).
+(settings, checks, one batch's images and maps, the stage between passes; the loop over the
+passes is ``inference/diffumask.py``), data (reading a synthetic set back, header checks).
 """

@@ -1,35 +1,32 @@
-"""DiffuMask generation: images from Stable Diffusion, masks from its own cross-attention.
+"""DiffuMask generation parts: the settings, their checks, one batch's images and class maps,
+and the staged files between the passes (the loop over the passes is ``inference/diffumask.py``).
 
-    python -m inference.diffumask --config configs/diffumask/toy.yaml --output_dir data/diffumask/toy
+    images, maps = generate_with_maps(load_pipeline(cfg.base_model, device), prompts, words, seeds, cfg)
+    save_npy(stage / "000000.npy", store_maps(maps[0]))        # uint8, at most MAP_STORE_SIZE px
 
-Three passes over the pair indices, each resumable:
-1. generate: per batch, the image and the aggregated class maps (``attention/{name}.npy``,
-   uint8, at most 128 px; the image is staged beside it as ``attention/{name}.png``);
-2. (``affinity: learned``) train the affinity net on the staged pairs -> ``affinity_net.safetensors``;
-3. refine: per pair, the mask (adaptive gamma, dense CRF) -> ``SyntheticWriter`` (the same
-   layout and manifest as JoDiffusion's generator); the staged image is then removed. This is
-   CPU work and runs in ``crf_workers`` CPU processes (``models/diffumask/refine.py``); when the
-   affinities are known before generation (colour affinities, one gamma, or a resumed run whose
-   affinity net exists) it runs beside pass 1, so the GPU never waits for the CRF.
-
-``generate_diffumask_dataset(cfg)`` is the in-process entry (benchmarks call it); defaults are
-the paper's settings (SD 1.4, 512 px, 50 steps, guidance 7, 3000 images per class, one class
-per image).
+``DiffuMaskConfig`` defaults are the paper's settings (SD 1.4, 512 px, 50 steps, guidance 7, 3000
+images per class, one class per image).
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from models.diffumask.refine import RefineJob, RefinePool, RefineResult, RefineSpec, load_maps
-from utils.io import check_pipeline_folder
+from dataset import get_dataset_info
+from models.diffumask.affinity import WalkParams
+from models.diffumask.attention import AttentionStore, capture_cross_attention, token_weights
+from models.diffumask.masks import CRFParams
+from models.diffumask.prompts import PromptPlan
+from models.diffumask.refine import RefineResult, RefineSpec, load_maps
+from utils.io import atomic_write_bytes, check_pipeline_folder, save_image_atomic
+from utils.precision import cpu_generators, weight_dtype
 
 MAP_STORE_SIZE = 128  # attention maps come from <= 64x64 grids: 128 px keeps them intact
 
@@ -88,7 +85,8 @@ EXECUTION_SETTINGS = ("output_dir", "crf_workers")
 BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def _check(cfg: DiffuMaskConfig) -> None:
+def check_config(cfg: DiffuMaskConfig) -> None:
+    """The settings' own ranges and choices; ValueError naming the setting."""
     if cfg.refine not in ("crf", "none"):
         raise ValueError(f"refine must be 'crf' or 'none', got {cfg.refine!r}")
     if cfg.map_normalization not in ("max", "minmax"):
@@ -119,19 +117,17 @@ def check_base_model(base_model: str) -> None:
 
 def check_inputs(cfg: DiffuMaskConfig) -> None:
     """Everything that can be checked before a model is loaded or a file written."""
-    from dataset import get_dataset_info
-    from models.diffumask.prompts import PromptPlan
-
-    _check(cfg)
+    check_config(cfg)
     get_dataset_info(cfg.dataset)
     PromptPlan.from_dataset(cfg.dataset, cfg.subclass_file or None, cfg.prompt_template, cfg.classes)
     check_base_model(cfg.base_model)
 
 
 def load_pipeline(base_model: str, device: torch.device, mixed_precision: str = "no"):
-    from diffusers import StableDiffusionPipeline
+    """The base model on ``device`` (fp16 on a GPU when asked, float32 otherwise); ValueError naming it."""
+    from diffusers import StableDiffusionPipeline  # here: a slow import, and checks must stay fast
 
-    dtype = torch.float16 if (mixed_precision == "fp16" and device.type == "cuda") else torch.float32
+    dtype = weight_dtype("fp16" if mixed_precision == "fp16" and device.type == "cuda" else "no")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(base_model, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
@@ -147,12 +143,10 @@ def load_pipeline(base_model: str, device: torch.device, mixed_precision: str = 
 @torch.no_grad()
 def generate_with_maps(pipe, prompts, words, seeds, cfg: DiffuMaskConfig):
     """(images uint8 BxHxWx3, maps float32 BxCxHxW in [0, 1]) for one batch of prompts."""
-    from models.diffumask.attention import AttentionStore, capture_cross_attention, token_weights
-
     weights = token_weights(pipe.tokenizer, prompts, words)
     store = AttentionStore(weights, (cfg.resolution, cfg.resolution), cfg.attention_resolutions,
                            cfg.attention_steps or None, normalization=cfg.map_normalization)
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    gens = cpu_generators(seeds)
     with capture_cross_attention(pipe.unet, store):
         out = pipe(list(prompts), num_inference_steps=cfg.num_inference_steps,
                    guidance_scale=cfg.guidance_scale, generator=gens, height=cfg.resolution,
@@ -161,24 +155,22 @@ def generate_with_maps(pipe, prompts, words, seeds, cfg: DiffuMaskConfig):
     return images, store.maps().numpy()
 
 
-def _store_maps(maps: np.ndarray) -> np.ndarray:
+def store_maps(maps: np.ndarray) -> np.ndarray:
+    """Class maps in [0, 1] -> uint8, area-resized to at most ``MAP_STORE_SIZE`` px (how they are staged)."""
     t = torch.from_numpy(maps)[None]
     if t.shape[-1] > MAP_STORE_SIZE:
         t = torch.nn.functional.interpolate(t, size=(MAP_STORE_SIZE, MAP_STORE_SIZE), mode="area")
     return np.rint(t[0].numpy() * 255).astype(np.uint8)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
-    from utils.io import atomic_write_bytes
-
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary name (no pickles)."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
 
 
-class _MaskStats:
+class MaskStats:
     """What the refinement of this process did: pairs written, CPU seconds, staged files skipped.
     ``bar`` (a tqdm) is set when pass 3 starts; during generation that pass's own bar shows."""
 
@@ -201,81 +193,65 @@ def crf_workers_auto(num_processes: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(num_processes, 1) - 1)
 
 
-def _refine_spec(cfg: DiffuMaskConfig, net_path: Path | None) -> RefineSpec:
-    from models.diffumask.affinity import WalkParams
-    from models.diffumask.masks import CRFParams
+def walk_params(cfg: DiffuMaskConfig) -> WalkParams:
+    return WalkParams(cfg.walk_size, cfg.walk_radius, cfg.walk_beta, cfg.walk_iterations)
 
+
+def refine_spec(cfg: DiffuMaskConfig, net_path: Path | None) -> RefineSpec:
+    """What a refine worker needs of the settings (``net_path``: the learned affinity net, or None)."""
     return RefineSpec(
         out_dir=str(cfg.output_dir), dataset=cfg.dataset, img_suffix=cfg.img_suffix,
         resolution=cfg.resolution, gammas=tuple(float(g) for g in cfg.gammas), refine=cfg.refine,
         affinity_net=str(net_path) if net_path is not None else "",
-        walk=WalkParams(cfg.walk_size, cfg.walk_radius, cfg.walk_beta, cfg.walk_iterations),
+        walk=walk_params(cfg),
         crf=CRFParams(bilateral_sxy=cfg.crf_bilateral_sxy, bilateral_srgb=cfg.crf_bilateral_srgb,
                       bilateral_compat=cfg.crf_bilateral_compat, iterations=cfg.crf_iterations),
         base_model=cfg.base_model)
 
 
-def generate_diffumask_dataset(cfg: DiffuMaskConfig, run=None, progress: bool = True) -> dict:
-    """Make (or finish) the DiffuMask synthetic set in ``cfg.output_dir``; returns a summary dict."""
-    from accelerate import PartialState
-    from tqdm import tqdm
+def is_staged(writer, i: int) -> bool:
+    """Pair ``i`` is written, or its maps and image are on the stage (``attention/``)."""
+    stage, name = writer.out / "attention", writer.name(i)
+    return writer.is_done(i) or ((stage / f"{name}.npy").is_file() and (stage / f"{name}.png").is_file())
 
-    from dataset import get_dataset_info
-    from dataset.synthetic import SyntheticWriter, batches, pair_seed, shard
-    from models.diffumask.prompts import PromptPlan
 
-    _check(cfg)
-    t_start = time.time()
-    log = run.log if run is not None else (lambda m: None)
-    state = PartialState()
-    main = state.is_main_process
-    info = get_dataset_info(cfg.dataset)
-    plan = PromptPlan.from_dataset(cfg.dataset, cfg.subclass_file or None, cfg.prompt_template, cfg.classes)
-    num_pairs = cfg.num_pairs or cfg.images_per_class * len(plan.classes)
-    out = Path(cfg.output_dir)
-    writer = SyntheticWriter(out, cfg.dataset, img_suffix=cfg.img_suffix)
-    (out / "attention").mkdir(parents=True, exist_ok=True)
-    prompts = {i: plan.prompt_for(i, cfg.images_per_class, cfg.seed, cfg.classes_per_image)
-               for i in range(num_pairs)}
+def stage_pair(writer, i: int, image: np.ndarray, maps: np.ndarray) -> None:
+    """Put pair ``i``'s class maps (``store_maps``) and image on the stage; the image last, as it
+    marks the pair staged."""
+    stage, name = writer.out / "attention", writer.name(i)
+    save_npy(stage / f"{name}.npy", store_maps(maps))
+    save_image_atomic(stage / f"{name}.png", image)
 
-    def job(i: int) -> RefineJob:
-        prompt, words, labels = prompts[i]
-        return RefineJob(i, prompt, tuple(words), tuple(labels), pair_seed(cfg.seed, i))
 
-    my_batches = shard(batches(range(num_pairs), cfg.batch_size), state.process_index, state.num_processes)
-    workers = cfg.crf_workers if cfg.crf_workers >= 0 else crf_workers_auto(state.num_processes)
-    log(f"masks in {workers} CPU worker processes (0: inline)")
-    net_path = out / "affinity_net.safetensors"
-    learned = len(cfg.gammas) > 1 and cfg.affinity == "learned"
-    todo_masks = sum(not writer.is_done(i) for b in my_batches for i in b)
-    stats = _MaskStats(log)
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if workers > 0 and (not learned or net_path.is_file()):  # masks beside generation
-            pool = stack.enter_context(RefinePool(_refine_spec(cfg, net_path if learned else None),
-                                                  workers, stats))
-        generated, t_gen = _generate_pass(cfg, state, my_batches, prompts, writer, pool, job, run, progress)
-        if learned:
-            _train_affinity_pass(cfg, state, writer, num_pairs, net_path, log)
-        if pool is None:
-            pool = stack.enter_context(RefinePool(_refine_spec(cfg, net_path if learned else None),
-                                                  workers, stats))
-        stats.bar = stack.enter_context(tqdm(total=todo_masks, initial=stats.written + len(stats.skipped),
-                                             desc="diffumask masks", disable=not (progress and main)))
-        for i in [i for b in my_batches for i in b if not writer.is_done(i) and i not in pool.submitted]:
-            pool.submit(job(i))
-    state.wait_for_everyone()
-
-    meta = {}
-    settings = {k: v for k, v in vars(cfg).items() if k not in EXECUTION_SETTINGS}
-    if main:
+def affinity_samples(writer, num_pairs: int, max_images: int, size: int, log) -> list:
+    """(image, maps) of at most ``max_images`` staged pairs spread evenly over the set; a pair that
+    does not read is logged and left out."""
+    step = max(1, num_pairs // max(max_images, 1))
+    samples = []
+    for i in [i for i in range(0, num_pairs, step)][:max_images]:
         try:
-            meta = writer.finalize(info, "diffumask", settings, expected=num_pairs)
-        except RuntimeError as e:  # pairs missing: staged files that could not be read were dropped
-            raise ValueError(str(e)) from None
-    seconds = time.time() - t_start
-    records = writer.records() if main else []
-    summary = {
+            samples.append(load_staged(writer, i, size))
+        except (OSError, ValueError, SyntaxError) as e:
+            log(f"skipped pair {i} for the affinity net: {e}")
+    return samples
+
+
+def load_staged(writer, i: int, size: int):
+    """(image, maps) of pair i, from the stage or (already written pairs) from img_dir/."""
+    name, stage = writer.name(i), writer.out / "attention"
+    img_path = stage / f"{name}.png"
+    if not img_path.is_file():
+        img_path = writer.img_dir / f"{name}{writer.img_suffix}"
+    with Image.open(img_path) as im:
+        image = np.array(im.convert("RGB"))
+    return image, load_maps(stage / f"{name}.npy", size)
+
+
+def run_summary(out: Path, num_pairs: int, generated: int, t_gen: float, stats: MaskStats, seconds: float,
+                records: list[dict], meta: dict) -> dict:
+    """What a run did (``summary.json``, less ``dataset_json``): pairs, seconds, pairs/s, mean gamma
+    and agreement of the finished set (``records``: its manifest rows)."""
+    return {
         "output_dir": str(out), "num_pairs": num_pairs, "generated_this_run": generated,
         "written_this_run": stats.written, "bad_files": len(stats.skipped), "seconds": round(seconds, 3),
         "seconds_generation": round(t_gen, 3), "seconds_masks": round(stats.seconds, 3),
@@ -284,78 +260,3 @@ def generate_diffumask_dataset(cfg: DiffuMaskConfig, run=None, progress: bool = 
         "mean_agreement": float(np.mean([r["agreement"] for r in records])) if records else None,
         "dataset_json": meta,
     }
-    log(f"diffumask: {summary['written_this_run']} pairs written in {seconds:.1f}s "
-        f"({summary['pairs_per_s']} pairs/s)")
-    return summary
-
-
-def _generate_pass(cfg, state, my_batches, prompts, writer, pool, job, run, progress) -> tuple[int, float]:
-    """Pass 1: images and attention maps; a batch is redone whole so its pairs match a clean run.
-    Each newly staged pair is offered to ``pool`` (if any), which refines it beside generation."""
-    from tqdm import tqdm
-
-    from dataset.synthetic import pair_seed
-    from utils.io import save_image_atomic
-
-    stage, name = Path(cfg.output_dir) / "attention", writer.name
-
-    def staged(i):
-        return writer.is_done(i) or ((stage / f"{name(i)}.npy").is_file() and (stage / f"{name(i)}.png").is_file())
-
-    todo = [b for b in my_batches if not all(staged(i) for i in b)]
-    generated, t_gen = 0, 0.0
-    if todo:
-        pipe = load_pipeline(cfg.base_model, state.device, cfg.mixed_precision)
-        for batch in tqdm(todo, desc="diffumask generate", disable=not (progress and state.is_main_process)):
-            t0 = time.time()
-            images, maps = generate_with_maps(pipe, [prompts[i][0] for i in batch], [prompts[i][1] for i in batch],
-                                              [pair_seed(cfg.seed, i) for i in batch], cfg)
-            for j, i in enumerate(batch):
-                if staged(i):
-                    continue
-                _save_npy(stage / f"{name(i)}.npy", _store_maps(maps[j]))
-                save_image_atomic(stage / f"{name(i)}.png", images[j])  # last: marks the pair staged
-                generated += 1
-                if pool is not None:
-                    pool.offer(job(i))
-            t_gen += time.time() - t0
-            if run is not None:
-                run.log_metrics(stage="generate", pairs=generated, seconds=round(t_gen, 3))
-        del pipe
-    state.wait_for_everyone()
-    return generated, t_gen
-
-
-def _train_affinity_pass(cfg, state, writer, num_pairs: int, net_path: Path, log) -> None:
-    """Pass 2 (main process): the AffinityNet, on staged pairs spread over the whole set."""
-    from models.diffumask.affinity import WalkParams, train_affinity_net
-
-    if state.is_main_process and not net_path.is_file():
-        step = max(1, num_pairs // max(cfg.affinity_max_images, 1))
-        idx = [i for i in range(0, num_pairs, step)][:cfg.affinity_max_images]
-        samples = []
-        for i in idx:
-            try:
-                samples.append(_load_staged(writer, i, cfg.resolution))
-            except (OSError, ValueError, SyntaxError) as e:
-                log(f"skipped pair {i} for the affinity net: {e}")
-        t0 = time.time()
-        walk = WalkParams(cfg.walk_size, cfg.walk_radius, cfg.walk_beta, cfg.walk_iterations)
-        net = train_affinity_net(samples, walk, cfg.affinity_high, cfg.affinity_low, epochs=cfg.affinity_epochs,
-                                 seed=cfg.seed, device=str(state.device), log=log)
-        net.save(net_path)
-        log(f"affinity net trained on {len(samples)} images in {time.time() - t0:.1f}s")
-    state.wait_for_everyone()
-
-
-def _load_staged(writer, i: int, size: int):
-    """(image, maps) of pair i, from the stage or (already written pairs) from img_dir/."""
-    from PIL import Image
-
-    name, stage = writer.name(i), writer.out / "attention"
-    img_path = stage / f"{name}.png"
-    if not img_path.is_file():
-        img_path = writer.img_dir / f"{name}{writer.img_suffix}"
-    with Image.open(img_path) as im:
-        image = np.array(im.convert("RGB"))
-    return image, load_maps(stage / f"{name}.npy", size)

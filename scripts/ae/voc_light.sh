@@ -1,23 +1,18 @@
 #!/usr/bin/env bash
-# Stage 1 of the voc chain: train the lightweight label VAE on VOC 2012 aug with the
-# paper's recipe (METHOD.md §2): 512 px, AdamW wd 0.05, lr 1e-5, effective batch 32 (4 per GPU,
-# accumulation fills the rest), fp16, grad clip 3, 50 epochs; ~15M parameters.
+# Stage 1 of the voc chain: train the lightweight label VAE (~15M parameters) on VOC 2012 aug.
+# Recipe: CONFIG (default configs/label_vae/voc.yaml, the paper's settings, cited there); copy it
+# to change the recipe, or override one value with a flag (bash scripts/ae/voc_light.sh --learning_rate 2e-5).
 # Hardware: 1+ GPUs (>= 16 GB each). Memory: 10.58 GiB per GPU at batch 4
 # (computed by python -m bench.bench_memory; batch 8 would need 18.41 GiB).
 # Time: 10.6k images x 50 epochs = 16.5k steps of 32; unmeasured estimate 3-4 h on one A100.
-# Latent scale: --scaling_factor auto = 1/std of the latents, measured at the end of training on a
-# spread sample of training masks and stored in label_vae/config.json (the joint trainer and the
-# pipeline read it there); the authors' fixed value is --scaling_factor 0.2.
 # Real data: DATA_ROOT (default: data_root of dataset/voc_semantic.py).
-# Other GPU counts: 32 must be a multiple of 4 x GPUS (GPUS=16: --train_batch_size 2).
-# Heavier alternative: append --model_type autoencoder_kl (SD-1.5 AutoencoderKL layout).
+# Other GPU counts: the recipe's effective batch must be a multiple of 4 x GPUS (its header says how).
 # Output: $OUTPUT_DIR/label_vae/ (save_pretrained), latent_stats.json, validation/*.png.
 # Next: scripts/ldm/voc_light_joint_5e5.sh (its LABEL_VAE default is $OUTPUT_DIR/label_vae).
 set -euo pipefail
 GPUS=${GPUS:-1}
+CONFIG=${CONFIG:-configs/label_vae/voc.yaml}
 DATA_ROOT=${DATA_ROOT:-data/VOCdevkit/VOC2012}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/voc/label_vae_run}
-accelerate launch --num_processes "$GPUS" -m train.label_vae --dataset voc --data_root "$DATA_ROOT" \
-    --learning_rate 1e-5 --num_train_epochs 50 --resolution 512 --train_batch_size 4 --total_batch_size 32 \
-    --scaling_factor auto --mixed_precision fp16 --resume_from_checkpoint latest --checkpoints_total_limit 3 \
+accelerate launch --num_processes "$GPUS" -m train.label_vae --config "$CONFIG" --data_root "$DATA_ROOT" \
     --output_dir "$OUTPUT_DIR" "$@"

@@ -12,8 +12,9 @@
 # Extra flags go to inference.diffumask; rerunning resumes the generation and redoes the filter.
 set -euo pipefail
 GPUS=${GPUS:-1}
+CONFIG=${CONFIG:-configs/diffumask/coco.yaml}
 BASE_MODEL=${BASE_MODEL:-CompVis/stable-diffusion-v1-4}
 OUTPUT_DIR=${OUTPUT_DIR:-data/synthetic/coco/diffumask}
-accelerate launch --num_processes "$GPUS" -m inference.diffumask --config configs/diffumask/coco.yaml \
+accelerate launch --num_processes "$GPUS" -m inference.diffumask --config "$CONFIG" \
     --base_model "$BASE_MODEL" --output_dir "$OUTPUT_DIR" "$@"
 python -m inference.diffumask_noise_filter --data_dir "$OUTPUT_DIR"

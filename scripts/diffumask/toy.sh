@@ -4,7 +4,8 @@
 # Then optionally: python -m inference.diffumask_noise_filter --data_dir $OUTPUT_DIR
 #                  python -m inference.diffumask_mosaic --data_dir $OUTPUT_DIR --output_dir ${OUTPUT_DIR}_mosaic
 set -euo pipefail
+CONFIG=${CONFIG:-configs/diffumask/toy.yaml}
 BASE_MODEL=${BASE_MODEL:-runs/toy/base_model}
 OUTPUT_DIR=${OUTPUT_DIR:-data/diffumask/toy}
-python -m inference.diffumask --config configs/diffumask/toy.yaml \
+python -m inference.diffumask --config "$CONFIG" \
     --base_model "$BASE_MODEL" --output_dir "$OUTPUT_DIR" "$@"

@@ -7,11 +7,10 @@
 # Usage: bash scripts/gen/toy_light.sh [--num_pairs 200 ...]
 set -euo pipefail
 GPUS=${GPUS:-1}
+CONFIG=${CONFIG:-configs/generate/toy.yaml}
 PIPELINE=${PIPELINE:-runs/toy/jodiffusion}
 OUT=${OUT:-data/gen/toy}
 
 # accelerate launch --cpu runs one process; torchrun starts GPUS CPU workers that accelerate joins
 ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node "$GPUS" -m inference.generate \
-  --pipeline "$PIPELINE" --dataset toy --num_pairs 2000 --prompt_source captions \
-  --scheduler dpmsolver++ --num_inference_steps 50 --guidance_scale 3 --batch_size 64 \
-  --cpu_threads 1 --output_dir "$OUT" "$@"
+  --config "$CONFIG" --pipeline "$PIPELINE" --output_dir "$OUT" "$@"

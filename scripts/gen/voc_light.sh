@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stage 3 of the voc chain: generate 40000 image + mask pairs with the trained JoDiffusion pipeline
-# (DPM-Solver++ 50 steps, guidance 8; prompts = the training captions, repeated and shuffled).
+# Stage 3 of the voc chain: generate 40000 image + mask pairs with the trained JoDiffusion pipeline.
+# Recipe: CONFIG (default configs/generate/voc.yaml: the paper's sampler, steps, guidance and
+# prompts, cited there).
 # Hardware: GPUS GPU(s), fp16. Memory: 3.25 GiB per GPU at batch 8 (bench.bench_memory). Time: about 11 h on 1 A100 at 512 px (estimate, not measured), divided by GPUS.
 # Same seed -> same bytes whatever GPUS is; rerun the same command to resume.
 # Input: PIPELINE = the pipeline/ folder scripts/ldm/voc_light_joint_5e5.sh exports. The captions are
@@ -9,10 +10,10 @@
 # Usage: GPUS=8 bash scripts/gen/voc_light.sh [--any_flag value ...]
 set -euo pipefail
 GPUS=${GPUS:-1}
+CONFIG=${CONFIG:-configs/generate/voc.yaml}
 DATA_ROOT=${DATA_ROOT:-data/VOCdevkit/VOC2012}
 PIPELINE=${PIPELINE:-runs/voc/joint_5e5/pipeline}
 OUT=${OUT:-data/synthetic/voc/jodiffusion}
 
-accelerate launch --num_processes "$GPUS" -m inference.generate \
-  --pipeline "$PIPELINE" --dataset voc --data_root "$DATA_ROOT" --num_pairs 40000 --prompt_source captions \
-  --scheduler dpmsolver++ --num_inference_steps 50 --guidance_scale 8 --output_dir "$OUT" "$@"
+accelerate launch --num_processes "$GPUS" -m inference.generate --config "$CONFIG" \
+  --pipeline "$PIPELINE" --data_root "$DATA_ROOT" --output_dir "$OUT" "$@"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stage 2 of the coco chain: joint image + label diffusion on COCO (80 classes + background) with
-# the paper's recipe (METHOD.md §3): 512 px, lr 5e-5 constant, effective batch 64 (8 per GPU x 4
-# GPUs x 2 accumulation), fp16, 8-bit AdamW (needs bitsandbytes), grad clip 1, 20 epochs, a
-# checkpoint every 1000 steps.
+# Stage 2 of the coco chain: joint image + label diffusion on COCO (80 classes + background).
+# Recipe: CONFIG (default configs/joint_diffusion/coco.yaml: the paper's settings, cited there;
+# its 8-bit AdamW needs bitsandbytes); copy it to change the recipe, or override one value with
+# a flag. Other GPU counts: keep the recipe's effective batch (its header says how).
 # Hardware: 4 GPUs (>= 24 GB each; SD-1.5 UNet with gradient checkpointing).
 # Memory: 12.71 GiB per GPU at batch 8 with gradient checkpointing (17.93 GiB without), computed by
 # python -m bench.bench_memory (calibrated on a measured H100 step, bench/results/gpu_smoke.json).
@@ -10,13 +10,12 @@
 # First, once: weight initialisation (inference.jodiffusion) from BASE_MODEL (SD 1.5, downloaded from the
 # hub unless a local folder) + the label VAE of scripts/ae/coco_light.sh -> $INIT; skipped when
 # $INIT/model_index.json (written last) exists: delete $INIT to redo it with another label VAE.
-# Real data: DATA_ROOT (default: data_root of dataset/coco_semantic.py). Other GPU counts: keep
-# BATCH x GPUS x ACCUM = 64. Rerunning resumes from the latest checkpoint.
+# Real data: DATA_ROOT (default: data_root of dataset/coco_semantic.py). Rerunning resumes from the
+# latest checkpoint.
 # Output: $OUTPUT_DIR/pipeline/ (JoDiffusionPipeline) -> next: scripts/gen/coco_light.sh (its PIPELINE).
 set -euo pipefail
 GPUS=${GPUS:-4}
-BATCH=${BATCH:-8}
-ACCUM=${ACCUM:-2}
+CONFIG=${CONFIG:-configs/joint_diffusion/coco.yaml}
 DATA_ROOT=${DATA_ROOT:-data/coco}
 BASE_MODEL=${BASE_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 LABEL_VAE=${LABEL_VAE:-runs/coco/label_vae_run/label_vae}
@@ -24,9 +23,5 @@ INIT=${INIT:-runs/coco/jodiffusion_init}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/coco/joint_5e5}
 [ -f "$INIT/model_index.json" ] || python -m inference.jodiffusion --base_model "$BASE_MODEL" \
     --label_vae "$LABEL_VAE" --output_dir "$INIT"
-accelerate launch --multi_gpu --num_processes "$GPUS" -m train.joint_diffusion --mode joint \
-    --dataset coco --data_root "$DATA_ROOT" --pretrained_model "$INIT" --output_dir "$OUTPUT_DIR" \
-    --resolution 512 --learning_rate 5e-5 --lr_scheduler constant --train_batch_size "$BATCH" \
-    --gradient_accumulation_steps "$ACCUM" --num_train_epochs 20 --mixed_precision fp16 \
-    --use_8bit_adam true --max_grad_norm 1.0 --checkpointing_steps 1000 --checkpoints_total_limit 3 \
-    --resume_from_checkpoint latest "$@"
+accelerate launch --multi_gpu --num_processes "$GPUS" -m train.joint_diffusion --config "$CONFIG" \
+    --data_root "$DATA_ROOT" --pretrained_model "$INIT" --output_dir "$OUTPUT_DIR" "$@"

@@ -6,7 +6,7 @@
 # Time: ~1 day (80k iters) on 4 A100s.
 # Synthetic data: SYNTH, by default the 20 px mask-optimized JoDiffusion set that
 # scripts/optim/ade20k_light.sh writes (why 20: its header); DiffuMask's set:
-#   SYNTH=data/synthetic/ade20k/diffumask (scripts/diffumask/ade20k.sh).
+#   SYNTH=data/synthetic/ade20k/diffumask_kept (scripts/diffumask/ade20k.sh: the pairs its noise filter keeps).
 # Real data (val/test and the real training half): DATA_ROOT (default: data_root of
 # dataset/ade20k_semantic.py).
 # Both go in as --cfg-options; a --cfg-options KEY=VALUE among the extra flags overrides them.

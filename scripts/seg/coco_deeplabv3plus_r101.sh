@@ -6,7 +6,7 @@
 # Time: ~1 day (80k iters) on 4 A100s.
 # Synthetic data: SYNTH, by default the 20 px mask-optimized JoDiffusion set that
 # scripts/optim/coco_light.sh writes (why 20: its header); DiffuMask's set:
-#   SYNTH=data/synthetic/coco/diffumask (scripts/diffumask/coco.sh).
+#   SYNTH=data/synthetic/coco/diffumask_kept (scripts/diffumask/coco.sh: the pairs its noise filter keeps).
 # Real data (val/test): DATA_ROOT (default: data_root of dataset/coco_semantic.py).
 # Both go in as --cfg-options; a --cfg-options KEY=VALUE among the extra flags overrides them.
 # The default WORK_DIR is named after the SYNTH folder, so runs on different sets stay apart.

@@ -6,7 +6,7 @@
 # Time: ~10 h (40k iters) on 4 A100s.
 # Synthetic data: SYNTH, by default the 20 px mask-optimized JoDiffusion set that
 # scripts/optim/voc_light.sh writes (why 20: its header); DiffuMask's set:
-#   SYNTH=data/synthetic/voc/diffumask (scripts/diffumask/voc.sh).
+#   SYNTH=data/synthetic/voc/diffumask_kept (scripts/diffumask/voc.sh: the pairs its noise filter keeps).
 # Real data (val/test): DATA_ROOT (default: data_root of dataset/voc_semantic.py).
 # Both go in as --cfg-options; a --cfg-options KEY=VALUE among the extra flags overrides them.
 # The default WORK_DIR is named after the SYNTH folder, so runs on different sets stay apart.
