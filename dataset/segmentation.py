@@ -21,6 +21,7 @@ ignore). Bad data is found in two places:
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -272,6 +273,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def mask_path(self, index: int) -> Path:
         return self.ann_dir / (self.ids[index] + self.info.seg_map_suffix)
+
+    def without_augmentation(self) -> "SegmentationDataset":
+        """The same files, un-augmented, without reading every header again (a second view of a
+        split, e.g. the label VAE's latent-statistics masks); its bad-file record is its own."""
+        view = copy.copy(self)
+        view.augment, view._bad = False, {}
+        return view
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

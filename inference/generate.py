@@ -120,7 +120,7 @@ def check_inputs(cfg: GenerateConfig):
         die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
     if not cfg.pipeline:
         die("--pipeline is required: a JoDiffusion pipeline folder (train.joint_diffusion writes <output_dir>/pipeline)")
-    _or_die(check_jodiffusion_folder, cfg.pipeline, info.num_labels, info.name)
+    _or_die(check_jodiffusion_folder, cfg.pipeline, info)
     return info, make_prompts(cfg, info)
 
 

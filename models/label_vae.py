@@ -24,10 +24,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+from utils.metrics import IoUAccumulator
+from utils.visualize import colorize, error_map, save_grid
 
 # The authors' latent scaling factor for the label latent (METHOD.md §2).
 PAPER_SCALING_FACTOR = 0.2
@@ -332,3 +336,46 @@ def measure_latent_stats(label_vae, dataset, max_masks: int = 1000, batch_size: 
         "per_channel_std": ch_std.tolist(),
         "unit_variance_scaling_factor": 1.0 / max(std, 1e-12),
     }
+
+
+def reconstruction_loss(model, masks: torch.Tensor, num_bits: int, ignore_index: int, noise_gen) -> torch.Tensor:
+    """Cross-entropy of the masks decoded from a posterior sample of their latents; no KL term (the
+    authors'): the latent is only asked to reconstruct."""
+    x = bit_encode(masks, num_bits, ignore_index)
+    logits = model(x, sample_posterior=True, generator=noise_gen)
+    return F.cross_entropy(logits.float(), masks, ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def reconstruction_scores(model, loader, info, max_samples: int, num_images: int, picture: Path) -> dict:
+    """Reconstruction mIoU (posterior mean, 0.5 confidence rule), a picture of the first masks and
+    the validation files found corrupt (``bad_files``)."""
+    acc, rows, seen, bad = IoUAccumulator(info.num_labels, info.ignore_index), [], 0, []
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        bad += [s for s in batch.get("skipped", ()) if s]
+        masks = batch["mask"]
+        if max_samples:
+            masks = masks[: max_samples - seen]
+        recon, _ = decode_latents_to_masks(model, encode_masks(model, masks), ignore_index=info.ignore_index)
+        recon, masks = recon.cpu().numpy(), masks.numpy()
+        acc.update(recon, masks)
+        for m, r in zip(masks, recon):
+            if len(rows) < num_images:
+                rows.append([colorize(m, info.palette), colorize(r, info.palette), error_map(r, m)])
+        seen += len(masks)
+        if max_samples and seen >= max_samples:
+            break
+    model.train(was_training)
+    if rows:
+        save_grid(picture, rows, scale=max(1, 128 // rows[0][0].shape[0]))
+    return dict(acc.result(), bad_files=bad)
+
+
+def check_label_vae_dataset(num_labels: int | None, info, folder) -> None:
+    """ValueError naming ``folder`` when a label VAE decoding ``num_labels`` labels was trained for
+    another dataset than ``info``'s (toy 6, VOC 21, COCO 81 and ADE20K 151 labels all differ)."""
+    if num_labels != info.num_labels:
+        raise ValueError(f"{folder}: this label VAE decodes {num_labels} labels but dataset '{info.name}' has "
+                         f"{info.num_labels} (background + classes): it was trained for another dataset")

@@ -43,8 +43,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.label_vae import decode_latents_to_masks
+from models.label_vae import check_label_vae_dataset, decode_latents_to_masks
 from utils.io import check_pipeline_folder
+from utils.training import first_line
 
 # The authors' sampling settings (METHOD.md §4).
 DEFAULT_STEPS = 50
@@ -311,9 +312,9 @@ def _step_params(scheduler) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
 
-def check_jodiffusion_folder(folder: str, num_labels: int, dataset_name: str) -> None:
+def check_jodiffusion_folder(folder: str, info) -> None:
     """Checks that need no model: ``folder`` is a complete ``save_pretrained`` JoDiffusion folder
-    (files, weight headers) whose label VAE decodes ``num_labels`` labels. ValueError naming the part."""
+    (files, weight headers) whose label VAE was trained for the dataset ``info``. ValueError naming the part."""
     try:
         check_pipeline_folder(folder)
     except ValueError as e:
@@ -321,10 +322,11 @@ def check_jodiffusion_folder(folder: str, num_labels: int, dataset_name: str) ->
     label_config = Path(folder) / "label_vae" / "config.json"
     if not label_config.is_file():
         raise ValueError(f"{label_config.parent}: no label VAE in this pipeline folder; is it a JoDiffusion pipeline?")
-    found = json.loads(label_config.read_text(encoding="utf-8")).get("num_labels")
-    if found != num_labels:
-        raise ValueError(f"{label_config.parent}: this label VAE decodes {found} labels but dataset '{dataset_name}' "
-                         f"has {num_labels}: it was trained for another dataset; pass the pipeline made for '{dataset_name}'")
+    try:
+        check_label_vae_dataset(json.loads(label_config.read_text(encoding="utf-8")).get("num_labels"), info,
+                                label_config.parent)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass the pipeline made for '{info.name}'") from None
 
 
 def load_jodiffusion_pipeline(folder: str, dtype: torch.dtype, device, scheduler: str = "dpmsolver++"):
@@ -333,8 +335,7 @@ def load_jodiffusion_pipeline(folder: str, dtype: torch.dtype, device, scheduler
     try:
         pipe = JoDiffusionPipeline.from_pretrained(folder, dtype=dtype)
     except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_pipeline_folder still hides
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise ValueError(f"{folder}: cannot load the pipeline ({lines[0]})") from None
+        raise ValueError(f"{folder}: cannot load the pipeline ({first_line(e)})") from None
     pipe = pipe.to(device)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -351,3 +352,57 @@ def build_jodiffusion_pipeline(base: dict, label_vae, joint_unet, scheduler=None
     scheduler = scheduler or make_scheduler()
     return JoDiffusionPipeline(vae=base["vae"], label_vae=label_vae, text_encoder=base["text_encoder"],
                                tokenizer=base["tokenizer"], unet=joint_unet, scheduler=scheduler)
+
+
+def load_training_components(source: str, label_vae_path: str | None, info):
+    """What the diffusion trainer trains from: (vae, label_vae, text_encoder, tokenizer, unet,
+    noise_scheduler) of the SD / JoDiffusion folder ``source``. ``label_vae_path`` None = image
+    mode (a plain UNet, no label VAE); otherwise the label VAE is checked against the dataset
+    ``info`` and the image VAE, and a plain UNet is widened here. ValueError("<path>: ...")."""
+    from diffusers import DDPMScheduler
+    from safetensors import SafetensorError
+
+    from models.joint_unet import widen_unet_for_labels
+    from models.label_vae import load_label_vae
+
+    try:
+        vae, text_encoder, tokenizer, unet = load_sd_components(source).values()
+        # the training schedule is the base model's (scaled_linear for SD), sampled with DDPM's add_noise
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{source}: cannot load the base model ({first_line(e)})") from None
+    c = vae.config.latent_channels
+    if label_vae_path is None:
+        if unet.config.in_channels != c:
+            raise ValueError(f"{source}: --mode image needs a plain UNet but this one takes "
+                             f"{unet.config.in_channels} channels")
+        return vae, None, text_encoder, tokenizer, unet, noise_scheduler
+    try:
+        label_vae = load_label_vae(label_vae_path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{label_vae_path}: cannot load the label VAE ({first_line(e)}); pass --label_vae or "
+                         "run inference.jodiffusion first") from None
+    check_label_vae_dataset(label_vae.config.num_labels, info, label_vae_path)
+    if label_vae.downsample_factor != vae_scale_factor(vae):
+        raise ValueError(f"{label_vae_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image "
+                         f"VAE by {vae_scale_factor(vae)}")
+    lc = label_vae.config.latent_channels
+    if unet.config.in_channels == c:
+        widen_unet_for_labels(unet, lc)
+    elif unet.config.in_channels != c + lc:
+        raise ValueError(f"{source}: the UNet takes {unet.config.in_channels} channels, not {c} image + {lc} label")
+    return vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler
+
+
+def training_pipeline(models: dict, unet, noise_scheduler):
+    """The pipeline a diffusion trainer exports and validates with: JoDiffusionPipeline (joint) or,
+    without a label VAE, StableDiffusionPipeline; DPM-Solver++ (the authors') on the training schedule."""
+    scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
+    if models["label_vae"] is None:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
+                                       tokenizer=models["tokenizer"], unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return JoDiffusionPipeline(vae=models["vae"], label_vae=models["label_vae"], text_encoder=models["text_encoder"],
+                               tokenizer=models["tokenizer"], unet=unet, scheduler=scheduler)

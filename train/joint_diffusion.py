@@ -1,22 +1,17 @@
 """Stage 2: train the joint image + label diffusion UNet (or, with ``--mode image``, a plain SD UNet).
 
-    accelerate launch --multi_gpu --num_processes 4 -m train.joint_diffusion \
-        --dataset ade20k --pretrained_model runs/ade20k/jodiffusion_init --output_dir runs/ade20k/joint
+    accelerate launch --multi_gpu --num_processes 4 -m train.joint_diffusion --config configs/joint_diffusion/voc.yaml \
+        --data_root data/VOCdevkit/VOC2012 --pretrained_model runs/voc/jodiffusion_init --output_dir runs/voc/joint_5e5
 
-``--pretrained_model`` is a JoDiffusion pipeline folder written by ``inference.jodiffusion`` (the
-weight-initialisation step), or any SD folder / hub id plus ``--label_vae`` (the UNet is then
-widened here). Frozen: image VAE, label VAE, text encoder (cast to the weight dtype). Trained: the
-UNet, epsilon loss in fp32 over both latent halves, one shared timestep, captions dropped to the
-empty prompt with probability ``caption_dropout`` for classifier-free guidance. Attention runs
-through PyTorch SDPA (diffusers' default ``AttnProcessor2_0``; no xformers needed).
-
-Defaults are the authors' recipe (METHOD.md §3): 512 px, lr 5e-5 constant, batch 8 per GPU x 4
-GPUs = 32, fp16, 8-bit AdamW, grad clip 1, 100 epochs, a checkpoint every 1000 steps.
+``--pretrained_model`` is the folder ``inference.jodiffusion`` writes (weight initialisation), or an
+SD folder / hub id plus ``--label_vae`` (the UNet is widened here). Frozen: image VAE, label VAE,
+text encoder. Trained: the UNet, with ``joint_loss`` below (one timestep for both latent halves,
+caption dropout for classifier-free guidance). Defaults are the authors' recipe (METHOD.md §3).
 The run folder gets ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoint-N/``,
-``validation/step-N.png`` and, at the end, ``pipeline/`` (``save_pretrained`` layout, EMA weights
-when ``--use_ema``): a JoDiffusionPipeline, or in image mode a StableDiffusionPipeline that
-``inference.jodiffusion --base_model <output_dir>/pipeline`` widens next. Data order, noise and timesteps depend only on (seed, step), so a run
-stopped and resumed with ``--resume_from_checkpoint latest`` ends with the same weights.
+``validation/step-N.png`` and ``pipeline/`` (EMA weights with ``--use_ema``): a JoDiffusionPipeline,
+or in image mode a StableDiffusionPipeline for ``inference.jodiffusion`` to widen. Data order, noise
+and timesteps depend only on (seed, step): a run resumed with ``--resume_from_checkpoint latest``
+ends with the same weights.
 """
 from __future__ import annotations
 
@@ -31,15 +26,15 @@ from tqdm import tqdm
 from dataset import get_dataset_info
 from dataset.latents import AUGMENT_VIEWS, LatentBatches, build_latent_source, num_views
 from dataset.segmentation import DatasetError, SegmentationDataset
-from models.joint_unet import joint_epsilon_loss, min_snr_weights, widen_unet_for_labels
+from models.joint_unet import joint_epsilon_loss, min_snr_weights
 from models.label_vae import encode_masks, load_label_vae
-from models.pipeline_jodiffusion import JoDiffusionPipeline, load_sd_components, make_scheduler, vae_scale_factor
+from models.pipeline_jodiffusion import load_sd_components, load_training_components, training_pipeline
 from utils.checkpoints import BadFiles, SkippedSteps, resume_step, save_checkpoint, unet_checkpoint_hooks
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.precision import weight_dtype
-from utils.training import (LossWindow, check_8bit_adam, check_model_folders, ema_weights, first_line, make_adamw,
-                            make_lr_scheduler, start_run, validation_grid)
+from utils.training import (LossWindow, check_8bit_adam, check_model_folders, ema_weights, freeze, make_adamw,
+                            make_lr_scheduler, start_run, trainable_unet, validation_grid)
 from utils.visualize import plot_curves
 
 
@@ -146,8 +141,7 @@ def train(cfg: JointDiffusionConfig) -> None:
     r.unet, r.optimizer, r.lr_scheduler = accelerator.prepare(r.unet, optimizer, lr_scheduler)
     global_step = resume_step(accelerator, run, run.path, cfg.resume_from_checkpoint)
 
-    prompts = list(cfg.validation_prompts) or r.data.preview_captions[: cfg.num_validation_images]
-    r.prompts = prompts[: cfg.num_validation_images] if cfg.num_validation_images > 0 else []
+    r.prompts = (list(cfg.validation_prompts) or r.data.preview_captions)[: max(cfg.num_validation_images, 0)]
     run.log(f"{len(r.data)} training items, {max_steps} steps of {cfg.train_batch_size} x {accelerator.num_processes} "
             f"x {cfg.gradient_accumulation_steps} = {cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps}"
             f" ({max_steps / updates_per_epoch:.1f} epochs)")
@@ -229,21 +223,14 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
 
 def build_models(cfg: JointDiffusionConfig, info, accelerator, run: RunDir, mixed: str) -> SimpleNamespace:
     """Frozen VAE, label VAE and text encoder (cast to the weight dtype), the trained UNet and its EMA."""
-    from diffusers.training_utils import EMAModel
-
-    vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_models(cfg, info)
+    try:
+        vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_training_components(
+            cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None, info)
+    except ValueError as e:
+        die(str(e))
     dtype = weight_dtype(mixed)
-    for frozen in (vae, label_vae, text_encoder):
-        if frozen is not None:
-            frozen.requires_grad_(False).eval().to(accelerator.device, dtype=dtype)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    ema_unet = None
-    if cfg.use_ema:
-        ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config,
-                            foreach=True)
-        ema_unet.to(accelerator.device)
+    freeze([vae, label_vae, text_encoder], accelerator.device, dtype)
+    ema_unet = trainable_unet(unet, cfg.gradient_checkpointing, cfg.ema_decay if cfg.use_ema else None, accelerator.device)
     unet_checkpoint_hooks(accelerator, ema_unet)
     attn = sorted({type(p).__name__ for p in unet.attn_processors.values()})
     run.log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {unet.config.in_channels} -> "
@@ -275,55 +262,6 @@ def label_vae_path(cfg: JointDiffusionConfig) -> str:
     return cfg.label_vae or str(Path(cfg.pretrained_model) / "label_vae")
 
 
-def load_models(cfg: JointDiffusionConfig, info):
-    """Base components from ``pretrained_model``; the UNet widened here when it is not yet joint."""
-    from diffusers import DDPMScheduler
-    from safetensors import SafetensorError
-
-    src = cfg.pretrained_model
-    try:
-        vae, text_encoder, tokenizer, unet = load_sd_components(src).values()
-        # the training schedule is the base model's (scaled_linear for SD), sampled with DDPM's add_noise
-        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError, SafetensorError) as e:
-        die(f"{src}: cannot load the base model ({first_line(e)})")
-    c = vae.config.latent_channels
-    if cfg.mode == "image":
-        if unet.config.in_channels != c:
-            die(f"{src}: --mode image needs a plain UNet but this one takes {unet.config.in_channels} channels")
-        return vae, None, text_encoder, tokenizer, unet, noise_scheduler
-    lv_path = label_vae_path(cfg)
-    try:
-        label_vae = load_label_vae(lv_path)
-    except (OSError, ValueError, SafetensorError) as e:
-        die(f"{lv_path}: cannot load the label VAE ({first_line(e)}); pass --label_vae or run inference.jodiffusion first")
-    if label_vae.config.num_labels != info.num_labels:
-        die(f"{lv_path}: this label VAE was trained for {label_vae.config.num_labels} labels, but dataset "
-            f"'{info.name}' has {info.num_labels} (background + classes): it belongs to another dataset")
-    if label_vae.downsample_factor != vae_scale_factor(vae):
-        die(f"{lv_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image VAE by {vae_scale_factor(vae)}")
-    if unet.config.in_channels == c:
-        widen_unet_for_labels(unet, label_vae.config.latent_channels)
-    elif unet.config.in_channels != c + label_vae.config.latent_channels:
-        die(f"{src}: the UNet takes {unet.config.in_channels} channels, not {c} image + "
-            f"{label_vae.config.latent_channels} label")
-    return vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler
-
-
-def build_pipeline(models: dict, unet, noise_scheduler):
-    """The exported pipeline: JoDiffusionPipeline in joint mode, StableDiffusionPipeline in image mode;
-    sampled with DPM-Solver++ (the authors') on the training schedule."""
-    scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
-    if models["label_vae"] is None:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=models["tokenizer"],
-                                       unet=unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    return JoDiffusionPipeline(vae=models["vae"], label_vae=models["label_vae"], text_encoder=models["text_encoder"],
-                               tokenizer=models["tokenizer"], unet=unet, scheduler=scheduler)
-
-
 def export(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int) -> None:
     """``pipeline/`` (EMA weights with ``--use_ema``), the last validation grid and ``loss.png``.
     The frozen parts are saved as loaded (float32): with mixed precision they are loaded again,
@@ -336,7 +274,7 @@ def export(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: 
     if r.weight_dtype != torch.float32:
         fresh = load_sd_components(cfg.pretrained_model, parts=("vae", "text_encoder"))
         parts = dict(parts, **fresh, label_vae=load_label_vae(label_vae_path(cfg)) if parts["label_vae"] is not None else None)
-    build_pipeline(parts, model, r.noise_scheduler).save_pretrained(str(run.path / "pipeline"), safe_serialization=True)
+    training_pipeline(parts, model, r.noise_scheduler).save_pretrained(str(run.path / "pipeline"), safe_serialization=True)
     run.log(f"exported the {'EMA ' if r.ema_unet is not None else ''}pipeline to {run.path / 'pipeline'}")
     validate(cfg, accelerator, run, r, model, global_step)
     keys = ("loss", "image_loss", "label_loss") if cfg.mode == "joint" else ("loss",)
@@ -351,7 +289,7 @@ def validate(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, model, step
         return
     with ema_weights(ema, model):
         model.eval()
-        validation_grid(build_pipeline(r.models, model, r.noise_scheduler), r.prompts,
+        validation_grid(training_pipeline(r.models, model, r.noise_scheduler), r.prompts,
                         [cfg.seed + i for i in range(len(r.prompts))], run.path / "validation" / f"step-{step}.png",
                         accelerator.autocast, info=None if cfg.mode == "image" else r.info,
                         num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.guidance_scale)

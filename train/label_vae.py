@@ -18,20 +18,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset import DATASET_NAMES, get_dataset_info
 from dataset.segmentation import DatasetError, SegmentationDataset
-from models.label_vae import (MODEL_TYPES, PAPER_SCALING_FACTOR, bit_encode, build_label_vae,
-                              decode_latents_to_masks, encode_masks, measure_latent_stats)
+from models.label_vae import (MODEL_TYPES, PAPER_SCALING_FACTOR, build_label_vae, measure_latent_stats,
+                              reconstruction_loss, reconstruction_scores)
 from utils.checkpoints import BadFiles, SkippedSteps, resume_step, save_checkpoint
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir, atomic_write_json
-from utils.metrics import IoUAccumulator
 from utils.precision import resolve_precision
 from utils.training import EpochPermutation, item_seed, make_lr_scheduler, start_run
-from utils.visualize import colorize, error_map, save_grid
 
 
 @dataclass
@@ -153,7 +150,7 @@ def build_data(cfg: LabelVAETrainConfig, info, accelerator) -> SimpleNamespace:
     training masks the latent scale is measured on."""
     train_set = SegmentationDataset(info, "train", size=cfg.resolution, augment=True, seed=cfg.seed)
     val_set = SegmentationDataset(info, "val", size=cfg.resolution, augment=False)
-    stats_set = SegmentationDataset(info, "train", size=cfg.resolution, augment=False)
+    stats_set = train_set.without_augmentation()  # headers already checked
     sampler = EpochPermutation(len(train_set), cfg.seed)
     loader_kw = dict(num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available())
     train_loader = torch.utils.data.DataLoader(train_set, cfg.train_batch_size, sampler=sampler, drop_last=True, **loader_kw)
@@ -227,14 +224,6 @@ def fit(cfg: LabelVAETrainConfig, accelerator, run: RunDir, r, global_step: int,
     return global_step
 
 
-def reconstruction_loss(model, masks: torch.Tensor, num_bits: int, ignore_index: int, noise_gen) -> torch.Tensor:
-    """Cross-entropy of the masks decoded from a posterior sample of their latents; no KL term (the
-    authors'): the latent is only asked to reconstruct."""
-    x = bit_encode(masks, num_bits, ignore_index)
-    logits = model(x, sample_posterior=True, generator=noise_gen)
-    return F.cross_entropy(logits.float(), masks, ignore_index=ignore_index)
-
-
 def validate(cfg: LabelVAETrainConfig, accelerator, run: RunDir, r, step: int) -> None:
     """Reconstruction mIoU of the validation masks (posterior mean, 0.5 confidence rule) and
     ``validation/step_N.png`` (mask | reconstruction | errors), from the main process."""
@@ -268,34 +257,6 @@ def export(cfg: LabelVAETrainConfig, run: RunDir, model, stats_set, step: int, s
     shutil.rmtree(run.path / "label_vae", ignore_errors=True)
     tmp.rename(run.path / "label_vae")  # only a complete export ever carries the final name
     run.log(f"saved {run.path / 'label_vae'}")
-
-
-@torch.no_grad()
-def reconstruction_scores(model, loader, info, max_samples: int, num_images: int, picture: Path) -> dict:
-    """Reconstruction mIoU (posterior mean, 0.5 confidence rule), a picture of the first masks and
-    the validation files found corrupt (``bad_files``)."""
-    acc, rows, seen, bad = IoUAccumulator(info.num_labels, info.ignore_index), [], 0, []
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        bad += [s for s in batch.get("skipped", ()) if s]
-        masks = batch["mask"]
-        if max_samples:
-            masks = masks[: max_samples - seen]
-        recon, _ = decode_latents_to_masks(model, encode_masks(model, masks), ignore_index=info.ignore_index)
-        recon, masks = recon.cpu().numpy(), masks.numpy()
-        acc.update(recon, masks)
-        for m, r in zip(masks, recon):
-            if len(rows) < num_images:
-                rows.append([colorize(m, info.palette), colorize(r, info.palette), error_map(r, m)])
-        seen += len(masks)
-        if max_samples and seen >= max_samples:
-            break
-    model.train(was_training)
-    if rows:
-        save_grid(picture, rows, scale=max(1, 128 // rows[0][0].shape[0]))
-    return dict(acc.result(), bad_files=bad)
-
 
 
 if __name__ == "__main__":

@@ -169,3 +169,25 @@ def start_run(cfg, mixed_precision: str, accumulation_steps: int, name: str = "j
     run.save_config(cfg)
     set_seed(cfg.seed)
     return accelerator, run
+
+
+def freeze(models, device, dtype) -> None:
+    """Frozen parts (None skipped): no gradients, eval mode, on ``device`` in the weight ``dtype``."""
+    for model in models:
+        if model is not None:
+            model.requires_grad_(False).eval().to(device, dtype=dtype)
+
+
+def trainable_unet(unet, gradient_checkpointing: bool, ema_decay: float | None, device):
+    """Put ``unet`` in training mode (with gradient checkpointing if asked); return its EMA copy
+    (diffusers' ``EMAModel`` on ``device``) when ``ema_decay`` is given, else None."""
+    from diffusers.training_utils import EMAModel
+
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    if ema_decay is None:
+        return None
+    ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=type(unet), model_config=unet.config, foreach=True)
+    ema.to(device)
+    return ema
