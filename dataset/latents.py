@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dataset.segmentation import load_captions
 from utils.checkpoints import BadFiles, map_safetensors
 from utils.io import RunDir, atomic_write_bytes
+from utils.precision import derive_seed
 
 CACHE_VERSION = 1
 CACHE_SHARD_ITEMS = 1024
@@ -66,11 +67,6 @@ def vocabulary_texts(info) -> list[str]:
     for split in info.splits:
         texts += list((load_captions(info, split) or {}).values())
     return texts + [info.class_name_caption(range(info.num_labels))] + list(info.classes)
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (independent streams per (seed, what, step, rank))."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
@@ -275,7 +271,7 @@ class LatentBatches:
         self.steps_per_epoch = len(source) // (batch_size * world)  # the last partial batch is dropped
 
     def _epoch(self, epoch: int):
-        gen = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, 1, epoch))
         n, g = len(self.source), self.batch_size * self.world
         perm = torch.randperm(n, generator=gen)[: self.steps_per_epoch * g].view(self.steps_per_epoch, g)
         mine = perm[:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
@@ -294,4 +290,4 @@ class LatentBatches:
 
     def step_generator(self, micro: int, device) -> torch.Generator:
         """Noise, timesteps and caption dropout of one micro-step on this process."""
-        return torch.Generator(device=device).manual_seed(_mix(self.seed, 2, micro, self.rank))
+        return torch.Generator(device=device).manual_seed(derive_seed(self.seed, 2, micro, self.rank))

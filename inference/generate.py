@@ -46,7 +46,7 @@ class GenerateConfig:
 
     pipeline: str = field(default="", metadata={"help": "JoDiffusionPipeline folder (save_pretrained)"})
     output_dir: str = field(default="", metadata={"help": "where the synthetic dataset goes"})
-    dataset: str = field(default="toy", metadata={"help": f"one of {', '.join(DATASET_NAMES)}"})
+    dataset: str = field(default="toy", metadata={"help": "dataset name", "choices": DATASET_NAMES})
     data_root: str | None = field(default=None, metadata={"help": "override the dataset's data_root"})
     num_pairs: int = field(default=40000, metadata={"help": "pairs to generate (paper: 40k ADE20K/VOC, 80k COCO)"})
     prompt_source: str = field(default="captions", metadata={

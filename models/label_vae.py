@@ -222,21 +222,24 @@ def build_label_vae(model_type: str, num_labels: int, ignore_index: int = 255,
                     decoder_channels: Sequence[int] | None = None,
                     norm_num_groups: int = 32, scaling_factor: float = PAPER_SCALING_FACTOR,
                     sample_size: int = 512):
-    """A fresh model of either type; channel lists None = the paper's widths."""
+    """A fresh model of either type for ``sample_size`` px masks; channel lists None = the paper's widths."""
     if model_type == "label_vae":
         kw = {}
         if encoder_channels:
             kw["encoder_channels"] = tuple(encoder_channels)
         if decoder_channels:
             kw["decoder_channels"] = tuple(decoder_channels)
-        return LabelVAE(num_labels=num_labels, ignore_index=ignore_index, norm_num_groups=norm_num_groups,
-                        scaling_factor=scaling_factor, **kw)
-    if model_type == "autoencoder_kl":
+        model = LabelVAE(num_labels=num_labels, ignore_index=ignore_index, norm_num_groups=norm_num_groups,
+                         scaling_factor=scaling_factor, **kw)
+    elif model_type == "autoencoder_kl":
         kw = {"block_out_channels": tuple(encoder_channels)} if encoder_channels else {}
-        return LabelAutoencoderKL(num_labels=num_labels, ignore_index=ignore_index,
-                                  norm_num_groups=norm_num_groups, scaling_factor=scaling_factor,
-                                  sample_size=sample_size, **kw)
-    raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        model = LabelAutoencoderKL(num_labels=num_labels, ignore_index=ignore_index, norm_num_groups=norm_num_groups,
+                                   scaling_factor=scaling_factor, sample_size=sample_size, **kw)
+    else:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    if sample_size % model.downsample_factor:
+        raise ValueError(f"--resolution {sample_size} is not divisible by the latent factor {model.downsample_factor}")
+    return model
 
 
 def load_label_vae(path_or_folder: str | Path, torch_dtype: torch.dtype | None = None):
@@ -297,6 +300,29 @@ def decode_latents_to_masks(label_vae, latents_scaled: torch.Tensor, threshold: 
     confidence, masks = logits.softmax(dim=1).max(dim=1)
     masks = masks.masked_fill(confidence < threshold, ignore_index)
     return masks, confidence
+
+
+@torch.no_grad()
+def parse_scaling_factor(value: str) -> float | None:
+    """``auto`` -> None (measure 1/std after training), a number -> that fixed scale."""
+    if value == "auto":
+        return None
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = 0.0
+    if not scale > 0:
+        raise ValueError(f"--scaling_factor: {value!r} is neither a positive number nor 'auto'")
+    return scale
+
+
+def store_latent_scale(label_vae, stats: dict, fixed: float | None) -> float:
+    """Write the latent scale into ``label_vae``'s config (saved with it, read by the joint trainer
+    and the pipeline): the measured 1/std, or ``fixed``. Records both in ``stats``; returns it."""
+    stored = stats["unit_variance_scaling_factor"] if fixed is None else fixed
+    stats.update(paper_scaling_factor=PAPER_SCALING_FACTOR, stored_scaling_factor=stored)
+    label_vae.register_to_config(scaling_factor=stored)
+    return stored
 
 
 @torch.no_grad()

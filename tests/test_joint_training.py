@@ -268,7 +268,7 @@ def test_dihedral_augmentation_caches_eight_views_and_trains_on_all_of_them(worl
 
     with pytest.raises(SystemExit):
         joint_diffusion.main(common + ["--output_dir", str(world / "bad"), "--augment_views", "rot45"])
-    assert "--augment_views must be one of flip, dihedral" in capsys.readouterr().err
+    assert "'augment_views' is 'rot45', not one of flip, dihedral" in capsys.readouterr().err
 
 
 def test_steps_skipped_by_fp16_loss_scaling_are_logged(world, monkeypatch):

@@ -29,12 +29,13 @@ from dataset.segmentation import DatasetError, SegmentationDataset
 from models.joint_unet import joint_epsilon_loss, min_snr_weights
 from models.label_vae import encode_masks, load_label_vae
 from models.pipeline_jodiffusion import load_sd_components, load_training_components, training_pipeline
-from utils.checkpoints import BadFiles, SkippedSteps, resume_step, save_checkpoint, unet_checkpoint_hooks
+from utils.checkpoints import (BadFiles, SkippedSteps, close_trackers, log_step, resume_step, save_checkpoint,
+                               unet_checkpoint_hooks)
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.precision import weight_dtype
-from utils.training import (LossWindow, check_8bit_adam, check_model_folders, ema_weights, freeze, make_adamw,
-                            make_lr_scheduler, start_run, trainable_unet, validation_grid)
+from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights, freeze,
+                            make_adamw, make_lr_scheduler, start_run, trainable_unet, validation_grid)
 from utils.visualize import plot_curves
 
 
@@ -42,7 +43,8 @@ from utils.visualize import plot_curves
 class JointDiffusionConfig:
     """Joint (image + label) latent diffusion training; ``--mode image`` trains a plain text-to-image UNet."""
 
-    mode: str = field(default="joint", metadata={"help": "joint (image + label latents) or image (image only)"})
+    mode: str = field(default="joint", metadata={"help": "joint (image + label latents) or image (image only)",
+                                                      "choices": ("joint", "image")})
     pretrained_model: str = field(default="runs/ade20k/jodiffusion_init",
                                   metadata={"help": "pipeline folder from inference.jodiffusion, or an SD folder / hub id"})
     label_vae: str | None = field(default=None, metadata={"help": "label VAE folder (default: <pretrained_model>/label_vae)"})
@@ -55,7 +57,8 @@ class JointDiffusionConfig:
     augment: bool = field(default=True, metadata={"help": "random crop + flip (with --cache_latents: centre crop, both flips cached)"})
     augment_views: str = field(default="flip", metadata={
         "help": "with --augment: flip (horizontal flips, for photos) or dihedral (the 8 rotations and flips, "
-                "for data with no up or down such as the toy shapes; --cache_latents caches all 8)"})
+                "for data with no up or down such as the toy shapes; --cache_latents caches all 8)",
+        "choices": AUGMENT_VIEWS})
     train_batch_size: int = field(default=8, metadata={"help": "per-device batch (paper: 8 x 4 GPUs = 32)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     num_train_epochs: int = field(default=100, metadata={"help": "epochs (paper: 100 ADE20K/VOC, 20 COCO)"})
@@ -108,10 +111,6 @@ def main(argv=None) -> None:
 
 def train(cfg: JointDiffusionConfig) -> None:
     """Parse -> build (run folder, models, data, optimiser) -> ``fit`` -> export the pipeline."""
-    if cfg.mode not in ("joint", "image"):
-        die(f"--mode must be joint or image, got {cfg.mode!r}")
-    if cfg.augment_views not in AUGMENT_VIEWS:
-        die(f"--augment_views must be one of {', '.join(AUGMENT_VIEWS)}, got {cfg.augment_views!r}")
     try:
         check_8bit_adam(cfg.use_8bit_adam)
     except ValueError as e:
@@ -188,12 +187,7 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
                 gen = r.batches.step_generator(micro, accelerator.device)
                 latents, ids = r.data.latents(batch, gen, accelerator.device, r.weight_dtype)
                 loss, image_loss, label_loss = joint_loss(cfg, r, latents, ids, gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(r.unet.parameters(), cfg.max_grad_norm)
-                r.optimizer.step()
-                r.lr_scheduler.step()
-                r.optimizer.zero_grad(set_to_none=True)
+                backward_step(accelerator, loss, r.unet, r.optimizer, r.lr_scheduler, cfg.max_grad_norm)
             window.add(loss, image_loss, label_loss if label_loss is not None else image_loss)
             if not accelerator.sync_gradients:
                 continue
@@ -208,16 +202,13 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
                            sec_per_step=sec)
                 if cfg.mode == "joint":
                     row["label_loss"] = means[2]
-                skipped.flush(row, run, global_step)
-                r.bad_files.flush(row, run, global_step)
-                run.log_metrics(**row)
+                log_step(run, row, skipped, r.bad_files)
                 bar.set_postfix(loss=f"{means[0]:.4f}")
             if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, run.path, global_step, cfg.checkpoints_total_limit, log=run.log)
             if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < max_steps:
                 validate(cfg, accelerator, run, r, accelerator.unwrap_model(r.unet), global_step, ema=r.ema_unet)
-    skipped.summary(run)
-    r.bad_files.summary(run)
+    close_trackers(run, global_step, skipped, r.bad_files)
     return global_step
 
 

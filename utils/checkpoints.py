@@ -136,6 +136,25 @@ class BadFiles:
                     "went on: " + "; ".join(sorted(self.distinct)))
 
 
+def log_step(run, row: dict, *trackers) -> None:
+    """One metrics line: ``row`` plus what each tracker (``SkippedSteps``, ``BadFiles``) met since
+    the last line. Collective when a ``BadFiles`` is among the trackers."""
+    for tracker in trackers:
+        tracker.flush(row, run, row["step"])
+    run.log_metrics(**row)
+
+
+def close_trackers(run, step: int, skipped: SkippedSteps, bad_files: BadFiles) -> None:
+    """At the end of a run: a last metrics line for bad files met since the last one, then both
+    trackers' summaries. Collective (``BadFiles.flush``)."""
+    row = dict(step=step)
+    bad_files.flush(row, run, step)
+    if "bad_files" in row:
+        run.log_metrics(**row)
+    skipped.summary(run)
+    bad_files.summary(run)
+
+
 # safetensors dtype -> numpy dtype of the same width; bfloat16, which numpy lacks, maps as its bits
 _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
                  "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

@@ -3,7 +3,9 @@
 Each entry point declares a dataclass whose defaults are the paper's settings, then calls
 ``parse_config``. A YAML profile (``--config configs/label_vae/toy.yaml``) overrides the
 defaults, and ``--key value`` flags override the profile. Unknown keys, in a file or on the
-command line, are errors. The resolved config is saved with every run (``save_config``).
+command line, are errors. A field's allowed values are declared with it
+(``field(default="a", metadata={"choices": ("a", "b")})``): they show in ``--help`` and any other
+value is a one-line error naming the field. The resolved config is saved with every run.
 
     cfg = parse_config(LabelVAETrainConfig, description=__doc__)
 
@@ -56,6 +58,16 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _convert(field: dataclasses.Field, value: Any, where: str) -> Any:
+    value = _convert_type(field, value, where)
+    choices = (field.metadata or {}).get("choices")
+    if choices is not None and value is not None:
+        for v in (value if isinstance(value, list) else [value]):
+            if v not in choices:
+                raise ConfigError(f"{where}: '{field.name}' is {v!r}, not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _convert_type(field: dataclasses.Field, value: Any, where: str) -> Any:
     tp, is_list = _base_type(field.type)
     if value is None:
         return None
@@ -138,6 +150,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         helptext = (f.metadata or {}).get("help", "")
+        if (f.metadata or {}).get("choices") is not None:  # declared once, with the field
+            helptext = f"{helptext}; one of {', '.join(map(str, f.metadata['choices']))}".lstrip("; ")
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{helptext} (default: {default!r})")
         if tp is bool and not is_list:
             kw.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")

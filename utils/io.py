@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -48,6 +49,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained_atomic(obj: Any, folder: str | Path) -> Path:
+    """``obj.save_pretrained`` (safetensors) into a temporary sibling renamed to ``folder`` once
+    complete, replacing an older export: an interrupted save never leaves a folder that looks done."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
 
 
 def encode_image(array: np.ndarray, fmt: str, **save_kwargs) -> bytes:

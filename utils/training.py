@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from utils.io import check_pipeline_folder, check_weights_file
-from utils.precision import cpu_generators
+from utils.precision import cpu_generators, derive_seed
 from utils.visualize import colorize, overlay, save_grid
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "org/name": a hub id rather than a local folder
@@ -132,11 +132,6 @@ def validation_grid(pipe, prompts: list[str], seeds, path: Path, autocast, info=
     save_grid(path, rows, scale=max(1, 128 // rows[0][0].shape[0]))
 
 
-def item_seed(*keys: int) -> int:
-    """A seed from integers (the label VAE trainer's data order and posterior noise)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
 class EpochPermutation(torch.utils.data.Sampler):
     """A permutation that depends only on (seed, epoch): every process and every resumed run
     sees the same order, so a run stopped at step N continues exactly where it left off."""
@@ -151,8 +146,48 @@ class EpochPermutation(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, bits=32))
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def accumulation_steps(total_batch_size: int, per_device: int) -> int:
+    """Micro-batches per optimiser step so that per_device x processes x steps = total_batch_size
+    (ValueError when it does not divide), counted before the ``Accelerator`` is built."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # accelerate reads ACCELERATE_USE_CPU only in AcceleratorState; a PartialState built without it
+    # pins a single-process state, and each CPU process under torchrun would train alone on everything
+    per_step = per_device * PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    if total_batch_size % per_step:
+        raise ValueError(f"--total_batch_size {total_batch_size} is not a multiple of the per-device batch x "
+                         f"processes = {per_step}")
+    return total_batch_size // per_step
+
+
+def backward_step(accelerator, loss: torch.Tensor, model, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """Inside ``accelerator.accumulate``: backward, clip the gradients when they are synced (0 = no
+    clipping), then step the optimiser and the schedule (accelerate skips both between syncs)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def epoch_batches(accelerator, loader, first_epoch: int, skip: int, num_epochs: int, *epoch_holders):
+    """``(epoch, batch_index, batch)`` of a prepared ``loader`` from batch ``skip`` of ``first_epoch``
+    (a resumed run) to the end of epoch ``num_epochs - 1``. accelerate's loader re-sets the epoch
+    of its sampler and dataset from its own counter at every ``__iter__``, and that counter restarts
+    at 0 in a resumed run: the loader and ``epoch_holders`` (sampler, dataset) are set explicitly."""
+    for epoch in range(first_epoch, num_epochs):
+        start = skip if epoch == first_epoch else 0
+        epoch_loader = accelerator.skip_first_batches(loader, start) if start else loader
+        for holder in (epoch_loader, *epoch_holders):
+            holder.set_epoch(epoch)
+        for batch_index, batch in enumerate(epoch_loader, start=start):
+            yield epoch, batch_index, batch
 
 
 def start_run(cfg, mixed_precision: str, accumulation_steps: int, name: str = "jodiffusion"):
