@@ -5,6 +5,8 @@
     accelerate launch --num_processes 4 -m inference.generate --pipeline runs/voc/joint_5e5/pipeline \\
         --dataset voc --num_pairs 40000 --output_dir data/synthetic/voc/jodiffusion
 
+The pipeline is either backbone (``models.pipelines``): ours (the widened SD UNet) or the authors'
+U-ViT folder (``scripts/gen/<dataset>_uvit.sh``); both write the same dataset.
 Writes the mmseg layout of ``dataset/synthetic.py`` plus ``config.yaml`` and ``log.txt``.
 Pair ``i`` is seeded from ``pair_seed(seed, i)`` and computed in a batch fixed by the global
 index list, so the same seed gives the same bytes with any number of processes (same hardware
@@ -33,8 +35,8 @@ from tqdm import tqdm
 
 from dataset import DATASET_NAMES, get_dataset_info
 from dataset.synthetic import SyntheticWriter, batches, pair_seed, prompt_pool, repeat_shuffled, shard
-from models.pipeline_jodiffusion import (SCHEDULER_CLASSES, check_jodiffusion_folder, load_jodiffusion_pipeline,
-                                         make_scheduler)
+from models.pipeline_jodiffusion import SCHEDULER_CLASSES, make_scheduler
+from models.pipelines import check_pipeline, load_pipeline
 from utils.config import config_to_dict, die, parse_config
 from utils.io import RunDir
 from utils.precision import PRECISIONS, cpu_generators, resolve_precision, weight_dtype
@@ -44,7 +46,8 @@ from utils.precision import PRECISIONS, cpu_generators, resolve_precision, weigh
 class GenerateConfig:
     """Generate image + mask pairs from prompts with a JoDiffusion pipeline."""
 
-    pipeline: str = field(default="", metadata={"help": "JoDiffusionPipeline folder (save_pretrained)"})
+    pipeline: str = field(default="", metadata={"help": "pipeline folder: ours (widened UNet, save_pretrained) or "
+                                                     "the authors' U-ViT layout (image_vae/, unet/, label_vae/, ...)"})
     output_dir: str = field(default="", metadata={"help": "where the synthetic dataset goes"})
     dataset: str = field(default="toy", metadata={"help": "dataset name", "choices": DATASET_NAMES})
     data_root: str | None = field(default=None, metadata={"help": "override the dataset's data_root"})
@@ -100,7 +103,7 @@ def settings_of(cfg: GenerateConfig, dtype: torch.dtype) -> dict:
 def check_inputs(cfg: GenerateConfig):
     """Every check that needs no model, before anything is loaded or written: bad options, the
     pipeline folder (files and weight headers), its label VAE against the dataset, the prompts.
-    Returns (dataset info, prompts)."""
+    Returns (dataset info, prompts, backbone)."""
     if not cfg.output_dir:
         die("--output_dir is required")
     if cfg.image_format not in ("png", "jpg"):
@@ -120,13 +123,13 @@ def check_inputs(cfg: GenerateConfig):
         die(f"--low_confidence_label must be a label 0..{info.num_labels - 1} or {info.ignore_index}")
     if not cfg.pipeline:
         die("--pipeline is required: a JoDiffusion pipeline folder (train.joint_diffusion writes <output_dir>/pipeline)")
-    _or_die(check_jodiffusion_folder, cfg.pipeline, info)
-    return info, make_prompts(cfg, info)
+    backbone = _or_die(check_pipeline, cfg.pipeline, info)
+    return info, make_prompts(cfg, info), backbone
 
 
 def main(argv=None) -> None:
     cfg = parse_config(GenerateConfig, argv, description=__doc__)
-    info, prompts = check_inputs(cfg)
+    info, prompts, backbone = check_inputs(cfg)
     # accelerate reads ACCELERATE_USE_CPU only in AcceleratorState; PartialState needs it passed,
     # or CPU worker processes would each think they are alone
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -136,7 +139,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(cfg.cpu_threads)
     precision = resolve_precision(cfg.mixed_precision, state.device)
     dtype = weight_dtype(precision)
-    pipe = _or_die(load_jodiffusion_pipeline, cfg.pipeline, dtype, state.device, cfg.scheduler)
+    pipe = _or_die(load_pipeline, cfg.pipeline, dtype, state.device, cfg.scheduler)
     run = RunDir(cfg.output_dir, is_main=state.is_main_process, name="generate")
     run.save_config(cfg)
     writer = SyntheticWriter(cfg.output_dir, info.name, img_suffix="." + cfg.image_format)
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
     mine = shard(batches(range(cfg.num_pairs), cfg.batch_size), state.process_index, state.num_processes)
     todo = sum(1 for b in mine for i in b if not writer.is_done(i))
     threads = f", {torch.get_num_threads()} CPU thread(s)" if state.device.type == "cpu" else ""
-    run.log(f"{cfg.num_pairs} pairs, {state.num_processes} process(es); this one has {todo} to make "
+    run.log(f"{cfg.num_pairs} pairs from the {backbone} backbone, {state.num_processes} process(es); this one has {todo} to make "
             f"({precision}{threads}, {cfg.scheduler} x {cfg.num_inference_steps}, guidance {cfg.guidance_scale})")
     generate_pairs(cfg, pipe, prompts, mine, writer, settings, show=state.is_main_process)
     state.wait_for_everyone()

@@ -13,7 +13,9 @@ Every later stage goes through four functions: ``bit_encode``, ``encode_masks``,
 
 Two model types share that API: ``LabelVAE`` (the authors' lightweight net, ~15M parameters
 at the paper's widths) and ``LabelAutoencoderKL`` (a diffusers ``AutoencoderKL`` in the SD-1.5
-configuration with ``in_channels = num_bits`` and ``out_channels = K + 1``).
+configuration with ``in_channels = num_bits`` and ``out_channels = K + 1``). A third,
+``AuthorsLabelVAE``, loads the authors' released weights (their keys and config) and maps their
+label convention to ours inside those functions (docs/label_conventions.md).
 """
 from __future__ import annotations
 
@@ -217,6 +219,217 @@ _LABEL_AKL_KEYS = ("num_labels", "ignore_index", "num_bits", "block_out_channels
 _CLASSES = {"LabelVAE": LabelVAE, "LabelAutoencoderKL": LabelAutoencoderKL}
 
 
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor holding ``weight``/``bias`` itself: the key
+    names of the authors' checkpoints (``ChannelLayerNorm`` keeps them under ``.norm``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+# What the authors' label VAE config.json may call itself (theirs; ours when saved from here).
+AUTHORS_CLASS_NAMES = ("LightweightLabelVAE", "AuthorsLabelVAE")
+
+
+class AuthorsLabelVAE(ModelMixin, ConfigMixin):
+    """The authors' released label VAE (their ``LightweightLabelVAE``, METHOD.md §8), loadable
+    from their folders: the same config keys and the same flat state-dict keys.
+
+    Layout (ADE20K defaults; indices are ``encoder.N`` / ``decoder.N``):
+
+    * encoder: 0 conv3x3 in->c0, 1 SiLU, per stage [conv3x3 c_i->c_i+1, stride-2 conv3x3, SiLU]
+      (2-4, 5-7, 8-10), 11 conv3x3 c_last->intermediate, 12 the mid-block slot (Identity:
+      ``num_mid_blocks`` 0), 13 GroupNorm (eps 1e-6), 14 SiLU, 15 conv3x3 -> 2 x latent (mean,
+      logvar) for a diffusers ``DiagonalGaussianDistribution``.
+    * decoder: 0 conv3x3 latent->intermediate, 1 the mid-block slot (Identity), per upscaler
+      [ConvTranspose k2 s2 (intermediate, then upscale channels) -> upscale, LayerNorm2d (eps
+      1e-6), SiLU] (2-4, 5-7, 8-10), 11 GroupNorm (eps 1e-5, torch's default), 12 SiLU,
+      13 conv3x3 -> out_channels logits; upsampled bilinearly when the upscalers give back less
+      than the encoder took (``interpolation_factor`` > 1; 1 at the released configs).
+
+    These follow the authors' code, which also fixes the eps values. ``act_fn`` is kept in the
+    config but, as in theirs, used nowhere. Unsupported: ``num_mid_blocks`` > 0 and
+    ``num_latents`` != 2 (the released configs use 0 and 2).
+
+    Label conventions are mapped at the boundary (``masks_to_bits``, ``classes_to_masks``), so
+    ``encode_masks``/``decode_latents_to_masks`` take and give masks in OUR convention
+    (docs/label_conventions.md). Their class c is our label c - ``label_offset``; their 0 is
+    their ignore code. Offset 0 (the default) fits VOC, COCO and ADE20K as this project stores
+    them (our labels 0..K are theirs; our 255 is their 0); offset 1 is for a label space that
+    drops their class 0 (ADE20K read with reduce_zero_label: their 0 -> our 255, their c -> our
+    c - 1). Low-confidence pixels become our 255 (theirs write 0 there). ``label_offset`` is
+    not a config key (theirs has none): pass it to the constructor or set it after loading.
+    """
+
+    ignore_for_config = ["label_offset"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 8,
+        out_channels: int = 151,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        intermediate_channels: int = 512,
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        scaling_factor: float = PAPER_SCALING_FACTOR,
+        num_mid_blocks: int = 0,
+        num_latents: int = 2,
+        num_upscalers: int = 3,
+        upscale_channels: int = 512,
+        act_fn: str = "none",
+        label_offset: int = 0,
+    ):
+        super().__init__()
+        c = list(block_out_channels)
+        if num_mid_blocks != 0:
+            raise ValueError(f"num_mid_blocks={num_mid_blocks}: only 0 is supported (the released label VAEs)")
+        if num_latents != 2:
+            raise ValueError(f"num_latents={num_latents}: only 2 (mean and log-variance) is supported")
+        if not c:
+            raise ValueError("block_out_channels is empty")
+        if num_upscalers < 1 or (2 ** (len(c) - 1)) % (2**num_upscalers):
+            raise ValueError(f"num_upscalers={num_upscalers}: needs 1 <= 2**num_upscalers dividing the encoder's "
+                             f"factor {2 ** (len(c) - 1)}")
+        for key, channels in (("intermediate_channels", intermediate_channels), ("upscale_channels", upscale_channels)):
+            if channels % norm_num_groups:
+                raise ValueError(f"{key}={channels} is not divisible by norm_num_groups={norm_num_groups}")
+        if out_channels >= 2**in_channels + 1 or out_channels < 2:
+            raise ValueError(f"out_channels={out_channels}: labels 0..{out_channels - 1} do not fit "
+                             f"in_channels={in_channels} bits")
+        self.label_offset = label_offset
+
+        stages = [m for i in range(len(c) - 1)
+                  for m in (nn.Conv2d(c[i], c[i + 1], 3, padding=1),
+                            nn.Conv2d(c[i + 1], c[i + 1], 3, stride=2, padding=1), nn.SiLU())]
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, c[0], 3, padding=1), nn.SiLU(), *stages,
+            nn.Conv2d(c[-1], intermediate_channels, 3, padding=1),
+            nn.Identity(),  # the mid-block slot: keeps the indices of their checkpoints
+            nn.GroupNorm(norm_num_groups, intermediate_channels, eps=1e-6), nn.SiLU(),
+            nn.Conv2d(intermediate_channels, num_latents * latent_channels, 3, padding=1),
+        )
+        upscalers = [m for i in range(num_upscalers)
+                     for m in (nn.ConvTranspose2d(intermediate_channels if i == 0 else upscale_channels,
+                                                  upscale_channels, 2, stride=2),
+                               LayerNorm2d(upscale_channels), nn.SiLU())]
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, intermediate_channels, 3, padding=1),
+            nn.Identity(),  # the mid-block slot
+            *upscalers,
+            nn.GroupNorm(norm_num_groups, upscale_channels), nn.SiLU(),
+            nn.Conv2d(upscale_channels, out_channels, 3, padding=1),
+        )
+
+    # -- what the rest of the code reads from a label VAE ------------------------------------
+    @property
+    def label_offset(self) -> int:
+        return self._label_offset
+
+    @label_offset.setter
+    def label_offset(self, value: int) -> None:
+        if value not in (0, 1):
+            raise ValueError(f"label_offset={value!r}: must be 0 (their class c = our label c) or 1 "
+                             "(their 0 = our ignore, their c = our c - 1)")
+        if self.config.out_channels - value < 2:
+            raise ValueError(f"label_offset={value} leaves fewer than 2 labels of "
+                             f"out_channels={self.config.out_channels}")
+        self._label_offset = int(value)
+
+    @property
+    def num_labels(self) -> int:
+        """Our label values 0..num_labels-1 that this model decodes."""
+        return self.config.out_channels - self.label_offset
+
+    @property
+    def ignore_index(self) -> int:
+        return 255
+
+    @property
+    def num_bits(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def interpolation_factor(self) -> int:
+        return self.downsample_factor // 2**self.config.num_upscalers
+
+    # -- the label boundary ----------------------------------------------------------------------
+    def masks_to_bits(self, masks: torch.Tensor) -> torch.Tensor:
+        """Our B x H x W labels -> their bit input: bits of their label, their label 0 (our ignore,
+        and whatever our label maps to 0) the all-zero code."""
+        masks = masks.long()
+        ignore = masks == self.ignore_index
+        bad = ~ignore & ((masks < 0) | (masks >= self.num_labels))
+        if bad.any():
+            raise ValueError(f"labels must lie in [0, {self.num_labels}) or equal {self.ignore_index}; got "
+                             f"{masks[bad].unique()[:10].tolist()}")
+        theirs = (masks + self.label_offset).masked_fill(ignore, 0)
+        return bit_encode(theirs, self.num_bits, ignore_index=0)
+
+    def classes_to_masks(self, classes: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """Their decoded classes -> our labels (offset 1: their 0 -> ``ignore_index``)."""
+        if self.label_offset == 0:
+            return classes
+        return (classes - self.label_offset).masked_fill(classes == 0, ignore_index)
+
+    # -- the network ----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        posterior = DiagonalGaussianDistribution(self.encoder(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        logits = self.decoder(z)
+        if self.interpolation_factor > 1:
+            logits = F.interpolate(logits, scale_factor=self.interpolation_factor, mode="bilinear",
+                                   align_corners=False)
+        return DecoderOutput(sample=logits) if return_dict else (logits,)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Their bit input -> their out_channels logits (as ``LabelVAE.forward``)."""
+        posterior = self.encode(x).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z).sample
+
+
+def _is_authors_config(config: dict) -> bool:
+    return config.get("_class_name") in AUTHORS_CLASS_NAMES or {"block_out_channels", "num_upscalers"} <= set(config)
+
+
+def label_vae_num_labels(config: dict) -> int:
+    """How many of our label values a label VAE's config (config.json as a dict, or a loaded
+    model's ``.config``) decodes: ``num_labels`` for ours, ``out_channels`` for the authors'
+    (their default label offset 0). ValueError when the config is neither."""
+    if "num_labels" in config:
+        return int(config["num_labels"])
+    if _is_authors_config(config) and "out_channels" in config:
+        return int(config["out_channels"])
+    raise ValueError("label VAE config has neither num_labels (ours) nor the authors' out_channels + "
+                     "num_upscalers (LightweightLabelVAE)")
+
+
+def read_label_vae_num_labels(folder: str | Path) -> int:
+    """``label_vae_num_labels`` of ``folder/config.json``, without loading the model; ValueError naming the file."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file.parent}: no label VAE here (no config.json)")
+    try:
+        return label_vae_num_labels(json.loads(config_file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
+        raise ValueError(f"{config_file}: {e}") from None
+
+
 def build_label_vae(model_type: str, num_labels: int, ignore_index: int = 255,
                     encoder_channels: Sequence[int] | None = None,
                     decoder_channels: Sequence[int] | None = None,
@@ -243,7 +456,8 @@ def build_label_vae(model_type: str, num_labels: int, ignore_index: int = 255,
 
 
 def load_label_vae(path_or_folder: str | Path, torch_dtype: torch.dtype | None = None):
-    """Load a saved label VAE of either type.
+    """Load a saved label VAE of either of our types, or the authors' (``AuthorsLabelVAE``: their
+    ``_class_name`` LightweightLabelVAE, or their config keys).
 
     Accepts the ``save_pretrained`` folder itself, or a training run folder holding it as
     ``label_vae/``.
@@ -256,14 +470,19 @@ def load_label_vae(path_or_folder: str | Path, torch_dtype: torch.dtype | None =
         raise FileNotFoundError(f"{path_or_folder}: no label VAE here (expected config.json or "
                                 "label_vae/config.json)")
     try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    if class_name not in _CLASSES:
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name in _CLASSES:
+        cls = _CLASSES[class_name]
+    elif isinstance(config, dict) and _is_authors_config(config):
+        cls = AuthorsLabelVAE
+    else:
         raise ValueError(f"{config_file}: _class_name {class_name!r} is not a label VAE "
-                         f"({', '.join(_CLASSES)})")
+                         f"({', '.join(_CLASSES)}, or the authors' {AUTHORS_CLASS_NAMES[0]})")
     kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return _CLASSES[class_name].from_pretrained(folder, use_safetensors=True, **kw)
+    return cls.from_pretrained(folder, use_safetensors=True, **kw)
 
 
 def _check_size(label_vae, h: int, w: int) -> None:
@@ -277,11 +496,15 @@ def encode_masks(label_vae, masks: torch.Tensor, generator: torch.Generator | No
     """B x H x W labels -> scaled latents (B x 4 x H/f x W/f), ready for diffusion.
 
     The posterior mean by default, so a mask always maps to the same latent; ``sample=True``
-    draws from the posterior (with ``generator``) as training does.
+    draws from the posterior (with ``generator``) as training does. Masks are in our label
+    convention for every model type (the authors' model maps them to theirs itself).
     """
     _check_size(label_vae, *masks.shape[-2:])
     param = next(label_vae.parameters())
-    x = bit_encode(masks.to(param.device), label_vae.config.num_bits, label_vae.config.ignore_index)
+    if isinstance(label_vae, AuthorsLabelVAE):
+        x = label_vae.masks_to_bits(masks.to(param.device))
+    else:
+        x = bit_encode(masks.to(param.device), label_vae.config.num_bits, label_vae.config.ignore_index)
     posterior = label_vae.encode(x.to(param.dtype)).latent_dist
     z = posterior.sample(generator) if sample else posterior.mode()
     return z * label_vae.config.scaling_factor
@@ -293,11 +516,18 @@ def decode_latents_to_masks(label_vae, latents_scaled: torch.Tensor, threshold: 
 
     Argmax over the K + 1 logits; pixels whose top softmax probability is below ``threshold``
     get ``ignore_index`` (the paper's rule: do not trust a label the decoder is unsure of).
+    Masks come out in our label convention for every model type; for the authors' model its
+    classes are mapped to ours first (``AuthorsLabelVAE.classes_to_masks``).
     """
     param = next(label_vae.parameters())
     z = latents_scaled.to(device=param.device, dtype=param.dtype) / label_vae.config.scaling_factor
     logits = label_vae.decode(z).sample.float()
-    confidence, masks = logits.softmax(dim=1).max(dim=1)
+    if isinstance(label_vae, AuthorsLabelVAE):
+        # their decode rule: argmax of the logits, confidence = the top softmax probability
+        confidence = logits.softmax(dim=1).amax(dim=1)
+        masks = label_vae.classes_to_masks(logits.argmax(dim=1), ignore_index)
+    else:
+        confidence, masks = logits.softmax(dim=1).max(dim=1)
     masks = masks.masked_fill(confidence < threshold, ignore_index)
     return masks, confidence
 

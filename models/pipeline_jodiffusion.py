@@ -31,8 +31,6 @@ the batch composition fixed, as ``inference.generate`` does.
 from __future__ import annotations
 
 import inspect
-
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,7 +41,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.label_vae import check_label_vae_dataset, decode_latents_to_masks
+from models.label_vae import check_label_vae_dataset, decode_latents_to_masks, read_label_vae_num_labels
 from utils.io import check_pipeline_folder
 from utils.training import first_line
 
@@ -176,24 +174,7 @@ class JoDiffusionPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, confidence_threshold: float = 0.5):
         """Joint latents -> (images float Bx3xHxW in [0, 1], masks int64, confidence float32)."""
         c = self.image_latent_channels
-        image_latents, label_latents = latents[:, :c], latents[:, c:]
-        vae_dtype = next(self.vae.parameters()).dtype
-        # SD's VAE says force_upcast: its decoder overflows in fp16 (NaN / black images), so it
-        # decodes in float32 and goes back to fp16 afterwards, as diffusers' own pipelines do
-        upcast = vae_dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
-        if upcast:
-            self.vae.to(torch.float32)
-        try:
-            z = image_latents.to(torch.float32 if upcast else vae_dtype) / self.vae.config.scaling_factor
-            images = self.vae.decode(z).sample
-        finally:
-            if upcast:
-                self.vae.to(vae_dtype)
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        masks, confidence = decode_latents_to_masks(
-            self.label_vae, label_latents, threshold=confidence_threshold,
-            ignore_index=int(getattr(self.label_vae.config, "ignore_index", 255)))
-        return images, masks, confidence.float()
+        return decode_pairs(self.vae, self.label_vae, latents[:, :c], latents[:, c:], confidence_threshold)
 
     # -- sampling ----------------------------------------------------------------------------
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype, device, generator):
@@ -295,20 +276,46 @@ class JoDiffusionPipeline(DiffusionPipeline):
 
     def _output(self, latents: torch.Tensor, output_type: str, confidence_threshold: float):
         """Final joint latents -> ``JoDiffusionPipelineOutput`` of ``output_type``."""
-        if output_type == "latent":
-            c = self.image_latent_channels
-            return JoDiffusionPipelineOutput(images=latents[:, :c], masks=latents[:, c:], confidence=None)
-        images, masks, confidence = self.decode_latents(latents, confidence_threshold)
-        if output_type == "np":
-            images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            masks = masks.to(torch.uint8).cpu().numpy()
-            confidence = confidence.cpu().numpy()
-        return JoDiffusionPipelineOutput(images=images, masks=masks, confidence=confidence)
+        c = self.image_latent_channels
+        return pairs_output(self.vae, self.label_vae, latents[:, :c], latents[:, c:], output_type, confidence_threshold)
+
+
+@torch.no_grad()
+def decode_pairs(vae, label_vae, image_latents: torch.Tensor, label_latents: torch.Tensor,
+                 confidence_threshold: float = 0.5):
+    """Scaled image and label latents -> (images float Bx3xHxW in [0, 1], masks int64, confidence
+    float32): the one decoding step of every backbone's pipeline."""
+    vae_dtype = next(vae.parameters()).dtype
+    # SD's VAE says force_upcast: its decoder overflows in fp16 (NaN / black images), so it
+    # decodes in float32 and goes back to fp16 afterwards, as diffusers' own pipelines do
+    upcast = vae_dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        images = vae.decode(image_latents.to(torch.float32 if upcast else vae_dtype) / vae.config.scaling_factor).sample
+    finally:
+        if upcast:
+            vae.to(vae_dtype)
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    masks, confidence = decode_latents_to_masks(label_vae, label_latents, threshold=confidence_threshold,
+                                                ignore_index=int(getattr(label_vae.config, "ignore_index", 255)))
+    return images, masks, confidence.float()
+
+
+def pairs_output(vae, label_vae, image_latents: torch.Tensor, label_latents: torch.Tensor, output_type: str,
+                 confidence_threshold: float) -> JoDiffusionPipelineOutput:
+    """Final latents -> ``JoDiffusionPipelineOutput`` of ``output_type`` (np, pt or latent)."""
+    if output_type == "latent":
+        return JoDiffusionPipelineOutput(images=image_latents, masks=label_latents, confidence=None)
+    images, masks, confidence = decode_pairs(vae, label_vae, image_latents, label_latents, confidence_threshold)
+    if output_type == "np":
+        images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        masks = masks.to(torch.uint8).cpu().numpy()
+        confidence = confidence.cpu().numpy()
+    return JoDiffusionPipelineOutput(images=images, masks=masks, confidence=confidence)
 
 
 def _step_params(scheduler) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)
 
 
@@ -323,8 +330,7 @@ def check_jodiffusion_folder(folder: str, info) -> None:
     if not label_config.is_file():
         raise ValueError(f"{label_config.parent}: no label VAE in this pipeline folder; is it a JoDiffusion pipeline?")
     try:
-        check_label_vae_dataset(json.loads(label_config.read_text(encoding="utf-8")).get("num_labels"), info,
-                                label_config.parent)
+        check_label_vae_dataset(read_label_vae_num_labels(label_config.parent), info, label_config.parent)
     except ValueError as e:
         raise ValueError(f"{e}; pass the pipeline made for '{info.name}'") from None
 
@@ -382,7 +388,8 @@ def load_training_components(source: str, label_vae_path: str | None, info):
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{label_vae_path}: cannot load the label VAE ({first_line(e)}); pass --label_vae or "
                          "run inference.jodiffusion first") from None
-    check_label_vae_dataset(label_vae.config.num_labels, info, label_vae_path)
+    check_label_vae_dataset(label_vae.num_labels if hasattr(label_vae, "label_offset") else label_vae.config.num_labels,
+                            info, label_vae_path)
     if label_vae.downsample_factor != vae_scale_factor(vae):
         raise ValueError(f"{label_vae_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image "
                          f"VAE by {vae_scale_factor(vae)}")

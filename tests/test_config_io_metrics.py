@@ -69,6 +69,41 @@ def test_unknown_key_is_one_line_naming_it_and_a_close_match(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(prof) in err and "did you mean thresholds" in err
 
 
+@dataclass
+class _Choices:
+    mode: str = field(default="joint", metadata={"help": "what to train", "choices": ("joint", "image")})
+    views: list[str] = field(default_factory=lambda: ["flip"], metadata={"choices": ("flip", "dihedral")})
+
+
+def test_a_value_outside_the_declared_choices_is_one_line_naming_the_field(tmp_path, capsys):
+    assert parse_config(_Choices, ["--mode", "image"]).mode == "image"
+    with pytest.raises(SystemExit):
+        parse_config(_Choices, ["--mode", "imgae"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'mode' is 'imgae', not one of joint, image" in err
+    prof = tmp_path / "p.yaml"
+    prof.write_text("views: [flip, rot45]\n")
+    with pytest.raises(SystemExit):
+        parse_config(_Choices, ["--config", str(prof)])
+    err = capsys.readouterr().err
+    assert "p.yaml" in err and "'views' is 'rot45'" in err
+    with pytest.raises(SystemExit):
+        parse_config(_Choices, ["--help"])
+    assert "one of joint, image" in capsys.readouterr().out  # declared once, shown in --help
+
+
+def test_derive_seed_gives_independent_streams_and_keeps_both_old_widths():
+    from utils.precision import derive_seed
+
+    keys = (7, 2, 5, 1)
+    word = int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0])
+    assert derive_seed(*keys) == word >> 1 < 2**63  # the latent batches' seeds, as before
+    assert derive_seed(*keys, bits=32) == int(np.random.SeedSequence(list(keys)).generate_state(1)[0])  # label VAE's
+    assert len({derive_seed(0, e, s) for e in range(5) for s in range(50)}) == 250
+    with pytest.raises(ValueError):
+        derive_seed(1, bits=16)
+
+
 def test_error_line_unwraps_a_worker_traceback():
     assert error_line(ValueError("data/x.png: cannot read image")) == "data/x.png: cannot read image"
     wrapped = ("Caught DatasetError in DataLoader worker process 1.\nOriginal Traceback (most recent call "

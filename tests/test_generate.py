@@ -13,6 +13,7 @@ from PIL import Image
 from dataset import get_dataset_info
 from dataset.synthetic import SyntheticWriter, batches, pair_seed, repeat_shuffled, shard
 from inference.generate import GenerateConfig, main, make_prompts
+from tests.fixtures_uvit_pipeline import SIZE as UVIT_SIZE, write_authors_pipeline_folder
 from tests.test_pipeline import NUM_LABELS, make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,14 +22,23 @@ N = 7  # odd, so the last batch is short and the two processes get unequal share
 RUN_FILES = {"config.yaml", "log.txt"}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture(scope="module", params=["unet", "uvit"])
+def world(tmp_path_factory, request):
+    """A toy dataset and a tiny pipeline of each backbone: ours (widened UNet, 32 px) and the
+    authors' U-ViT folder layout (16 px); every test below runs on both."""
     from dataset.toy_shapes import write_toy_dataset
 
-    root = tmp_path_factory.mktemp("gen")
-    make_tiny_pipeline().save_pretrained(root / "pipe", safe_serialization=True)
+    root = tmp_path_factory.mktemp(f"gen_{request.param}")
+    if request.param == "unet":
+        make_tiny_pipeline().save_pretrained(root / "pipe", safe_serialization=True)
+    else:
+        write_authors_pipeline_folder(root / "pipe", num_labels=NUM_LABELS)
     write_toy_dataset(root / "toy", size=32, num_train=5, num_val=1, seed=0, progress=False)
     return root
+
+
+def image_size(world) -> int:
+    return UVIT_SIZE if (world / "pipe" / "image_vae").is_dir() else 32
 
 
 def args(world, out, *extra):
@@ -65,9 +75,9 @@ def test_dataset_layout_and_contents(world, reference):
     assert sorted(p.stem for p in (reference / "ann_dir/train").iterdir()) == names
     for name in names:
         mask = np.asarray(Image.open(reference / f"ann_dir/train/{name}.png"))
-        assert mask.ndim == 2 and mask.dtype == np.uint8 and mask.shape == (32, 32)
+        assert mask.ndim == 2 and mask.dtype == np.uint8 and mask.shape == (image_size(world),) * 2
         assert np.isin(mask, list(range(info.num_labels)) + [255]).all()
-        assert np.asarray(Image.open(reference / f"img_dir/train/{name}.png")).shape == (32, 32, 3)
+        assert np.asarray(Image.open(reference / f"img_dir/train/{name}.png")).shape == (image_size(world),) * 2 + (3,)
     rows = [json.loads(l) for l in (reference / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(N))
     assert [r["seed"] for r in rows] == [pair_seed(0, i) for i in range(N)]

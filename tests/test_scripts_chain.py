@@ -199,6 +199,20 @@ def test_diffumask_feeds_the_same_segmenter_scripts(run_script, d):
     assert len(work_dirs) == 2 * len(SEGMENTERS), "runs on different synthetic sets must not share a folder"
 
 
+@pytest.mark.parametrize("d", DATASETS)
+def test_the_authors_model_chain_generates_optimizes_and_scores(run_script, d):
+    """README's three commands: fetch (not a script), scripts/gen/D_uvit.sh, then the same mask
+    optimization and segmenter scripts on its output."""
+    gen = resolve(*one_call(run_script(f"scripts/gen/{d}_uvit.sh", PIPELINE="/w/jod"), "inference.generate")[1:])
+    assert gen.dataset == d and gen.pipeline == "/w/jod" and gen.num_inference_steps == 50 and gen.guidance_scale == 8
+    assert same(gen.data_root, get_dataset_info(d).data_root) and Path(gen.output_dir).name == "jodiffusion_uvit"
+    optim = resolve(*one_call(run_script(f"scripts/optim/{d}_light.sh", IN=gen.output_dir), "inference.optimize_masks")[1:])
+    assert same(optim.input, gen.output_dir)
+    synth = f"{gen.output_dir}_optim20"
+    cfg = resolve_seg(one_call(run_script(f"scripts/seg/{d}_deeplabv3plus_r101.sh", SYNTH=synth), "train.segmenter")[2])
+    assert same(train_parts(cfg)["synthetic"].data_root, synth) and Path(cfg.work_dir).name.endswith("jodiffusion_uvit_optim20")
+
+
 def test_extra_cfg_options_override_the_scripts(run_script):
     """A user's own --cfg-options (a second occurrence, after the script's) wins; the rest stays."""
     calls = run_script("scripts/seg/voc_mask2former_r50.sh", "--cfg-options",
