@@ -203,6 +203,51 @@ def joint_rows() -> tuple[list[dict], float]:
     return rows, margin
 
 
+def uvit_activations(batch: int, resolution: int, checkpointing: bool) -> dict:
+    """Saved-activation bytes of one training forward of the authors' joint U-ViT (fp16, meta device)."""
+    from models.joint_uvit import PAPER_UVIT_CONFIG, JoDiffusionUViT
+
+    with torch.device("meta"):
+        model = JoDiffusionUViT(**dict(PAPER_UVIT_CONFIG, sample_size=resolution // 8))
+    model = model.to(torch.float16)
+    cfg, side = model.config, resolution // 8
+    text = torch.empty(batch, cfg.num_text_tokens, cfg.text_dim, device="meta", dtype=torch.float16)
+    z = torch.empty(batch, cfg.in_channels, side, side, device="meta", dtype=torch.float16)
+    clip = torch.empty(batch, 1, cfg.clip_img_dim, device="meta", dtype=torch.float16)
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    body = model.transformer
+    # the checkpointed units: every transformer block (JoDiffusionUViT._checkpointed_transformer)
+    units = list(body.transformer_in_blocks) + [body.transformer_mid_block] + [b["block"] for b in body.transformer_out_blocks]
+
+    def run():
+        return model(text, z, clip, z, t, t)
+
+    peak_block = _largest_module_bytes(units, run) if checkpointing else 0
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    with count_saved_bytes() as saved:
+        run()
+    return {"params": sum(p.numel() for p in model.parameters()), "saved_bytes": saved["bytes"],
+            "recompute_bytes": peak_block}
+
+
+# frozen parts of the U-ViT step: UniDiffuser's image VAE (83.7M, SD's), CLIP ViT-L/14 text encoder
+# (123.1M), CLIP ViT-B/32 image encoder with projection (87.8M), the authors' label VAE (15.4M)
+FROZEN_UVIT = 83_653_863 + 123_060_480 + 87_849_216 + 15_420_000
+
+
+def uvit_rows(margin: float) -> list[dict]:
+    """The U-ViT recipes (scripts/ldm/*_uvit.sh): batch 8 per GPU, 512 px, fp16, AdamW8bit."""
+    rows = []
+    for ckpt in (True, False):
+        a = uvit_activations(8, 512, ckpt)
+        rows.append(dict(recipe=f"joint U-ViT, batch 8/GPU, 512 px, fp16, AdamW8bit, gradient checkpointing "
+                                f"{'on' if ckpt else 'off'} (scripts/ldm/*_uvit.sh)",
+                         **training_peak(a["params"], a["saved_bytes"], a["recompute_bytes"], FROZEN_UVIT,
+                                         "adamw8bit", margin)))
+    return rows
+
+
 def label_vae_rows(margin: float) -> list[dict]:
     rows = []
     for name, labels in (("voc", 21), ("ade20k", 151), ("coco", 81)):
@@ -220,11 +265,14 @@ def inference_rows() -> list[dict]:
     gen = unet + FROZEN_JOINT
     sd14 = 859_520_964 + 83_653_863 + 123_060_480
     rows = []
+    uvit = 954_258_336 + 83_653_863 + 123_060_480 + 15_420_000  # text2img loads no CLIP image encoder
     for recipe, params, batch in (("generation, batch 8, fp16 (scripts/gen/*_light.sh)", gen, 8),
+                                  ("U-ViT generation, batch 8, fp16 (scripts/gen/*_uvit.sh)", uvit, 8),
                                   ("DiffuMask, SD 1.4, batch 1, fp16 (scripts/diffumask/*.sh)", sd14, 1)):
-        # classifier-free guidance doubles the UNet batch; the largest live tensors of one forward are a
-        # few 320 x 64 x 64 maps and the 64*64-token attention of the first block (fused: no score matrix)
-        live = 2 * batch * 6 * 320 * 64 * 64 * FP16
+        # classifier-free guidance doubles the batch. UNet: the largest live tensors of one forward are a
+        # few 320 x 64 x 64 maps and the 64*64-token attention of the first block (fused: no score matrix);
+        # U-ViT: a few 2129-token x 1536 streams (the 4x feed-forward hidden layer is the largest)
+        live = 2 * batch * (6 * 2129 * 1536 if "U-ViT" in recipe else 6 * 320 * 64 * 64) * FP16
         rows.append(dict(recipe=recipe, weights_gib=_gib(params * FP16), activations_gib=_gib(live),
                          peak_gib=round((params * FP16 + live) / GIB + 1.0, 2), margin_gib=1.0))
     return rows
@@ -241,7 +289,7 @@ def main(argv=None) -> dict:
                   "H100 gpu_smoke step; see the module docstring",
         "command": "python -m bench.bench_memory",
         "margin_gib": round(margin, 2),
-        "training": joint + label_vae_rows(margin),
+        "training": joint + uvit_rows(margin) + label_vae_rows(margin),
         "inference": inference_rows(),
         "segmenters_documented": {k: {"gib": v[0], "batch_per_gpu": v[1], "source": v[2]}
                                   for k, v in MMSEG_DOCUMENTED_GIB.items()},

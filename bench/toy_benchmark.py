@@ -9,15 +9,22 @@ UNet pretraining (stands in for Stable Diffusion's pretraining) -> widen + joint
 generation -> mask optimization -> DiffuMask on the same base model -> one mmseg segmenter per
 training set (real, JoDiffusion, JoDiffusion + mask optimization, DiffuMask), all with the same
 number of pairs and the same schedule, evaluated on the real toy val split.
+With ``backbones: [unet, uvit]`` the authors' backbone runs beside it on the same toy data, label
+VAE, base VAE + text encoder, budget, seed and generation settings: a tiny UniDiffuser
+(``train.toy_unidiffuser_base``) -> image-only pretraining -> ``inference.uvit_init`` -> joint
+training -> generation -> mask optimization -> its segmenters; the report puts both side by side.
 
 Every stage runs as its own process (the real entry points, exactly as a user runs them), logs
 to ``<output_dir>/logs/<stage>.log`` and leaves ``<output_dir>/stages/<stage>.json`` when it
 finished: an interrupted benchmark rerun with the same command resumes at the first unfinished
-stage. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them.
+stage. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them;
+only ``--publish true`` also copies the figures to the tracked ``bench/results/`` (a maintainer's
+step: a user's run never modifies tracked files).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,8 +32,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from safetensors import safe_open
 
 from utils.config import die, parse_config
 from utils.io import RunDir, atomic_write_json, atomic_write_text, read_jsonl
@@ -39,6 +48,11 @@ class ToyBenchmarkConfig:
     output_dir: str = field(default="runs/toy_benchmark", metadata={"help": "everything goes here"})
     profile: str = field(default="benchmark", metadata={"help": "name printed on the report"})
     seed: int = field(default=0, metadata={"help": "seed of the toy data and every stage"})
+    backbones: list[str] = field(default_factory=lambda: ["unet", "uvit"], metadata={
+        "help": "joint denoisers to train and compare: the widened SD UNet, the authors' U-ViT",
+        "choices": ("unet", "uvit")})
+    publish: bool = field(default=False, metadata={
+        "help": "also write the figures to bench/results/toy_benchmark_<profile>.json (tracked; maintainers only)"})
     # data
     size: int = field(default=32, metadata={"help": "toy image side (px)"})
     num_train: int = field(default=4000, metadata={"help": "real training pairs (= generated pairs)"})
@@ -52,6 +66,12 @@ class ToyBenchmarkConfig:
     image_unet_args: list[str] = field(default_factory=list)
     joint_config: str = field(default="configs/joint_diffusion/toy_bench.yaml")
     joint_args: list[str] = field(default_factory=list)
+    # the U-ViT branch: a tiny UniDiffuser on the base model's VAE + text encoder, the same budget
+    uvit_base_args: list[str] = field(default_factory=list)
+    uvit_image_config: str = field(default="configs/joint_diffusion/toy_unidiffuser_image.yaml")
+    uvit_image_args: list[str] = field(default_factory=list)
+    uvit_joint_config: str = field(default="configs/joint_diffusion/toy_uvit_bench.yaml")
+    uvit_joint_args: list[str] = field(default_factory=list)
     generate_config: str = field(default="configs/generate/toy.yaml")
     generate_args: list[str] = field(default_factory=list)
     optim_thresholds: list[int] = field(default_factory=lambda: [20, 50, 100],
@@ -113,12 +133,24 @@ class Chain:
         return [sys.executable, "-m", module, *[str(a) for a in args]]
 
 
-def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
-    ch = Chain(cfg, run)
-    out = ch.out
-    toy = out / "data" / "toy"
-    paths = dict(
-        toy=toy,
+class Branch(NamedTuple):
+    """Where one backbone's stages leave their results (keys of ``run_chain``'s paths)."""
+
+    train_set: str  # its synthetic training set: also its generator's and segmenter's name
+    joint_run: str
+    gen: str
+    generate_stage: str
+
+
+# The UNet's names predate the U-ViT branch and stay as they were, so an existing run folder resumes.
+BRANCHES = {"unet": Branch("jodiffusion", "joint_run", "gen", "generate"),
+            "uvit": Branch("jodiffusion_uvit", "uvit_joint_run", "gen_uvit", "uvit_generate")}
+
+
+def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
+    out = Path(cfg.output_dir)
+    return dict(
+        toy=out / "data" / "toy",
         label_vae_run=out / "label_vae",
         base_model=out / "base_model",
         image_unet_run=out / "image_unet",
@@ -126,8 +158,19 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
         joint_run=out / "joint",
         gen=out / "synthetic" / "jodiffusion",
         diffumask=out / "synthetic" / "diffumask",
+        uvit_base=out / "uvit_base",
+        uvit_image_run=out / "uvit_image",
+        uvit_init=out / "uvit_init",
+        uvit_joint_run=out / "uvit_joint",
+        gen_uvit=out / "synthetic" / "jodiffusion_uvit",
         seg=out / "segmenters",
     )
+
+
+def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
+    ch = Chain(cfg, run)
+    paths = chain_paths(cfg)
+    toy = paths["toy"]
 
     ch.stage("toy_data", ch.py("utils.make_toy_dataset", "--out", toy, "--size", cfg.size,
                                "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed))
@@ -137,36 +180,52 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
     ch.stage("base_model", ch.py("train.toy_base_model", "--config", cfg.base_model_config,
                                  "--data_root", toy, "--output_dir", paths["base_model"],
                                  "--seed", cfg.seed, *cfg.base_model_args))
-    ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
-                                 "--dataset", "toy", "--data_root", toy,
-                                 "--pretrained_model", paths["base_model"],
-                                 "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
-                                 *cfg.image_unet_args))
+    label_vae = paths["label_vae_run"] / "label_vae"
     pretrained = paths["image_unet_run"] / "pipeline"  # the base model with the pretrained UNet
-    ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
-                                       "--label_vae", paths["label_vae_run"] / "label_vae",
-                                       "--output_dir", paths["jodiffusion_init"]))
-    ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
-                            "--dataset", "toy", "--data_root", toy,
-                            "--pretrained_model", paths["jodiffusion_init"],
-                            "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
-    jod_pipeline = paths["joint_run"] / "pipeline"
-    ch.stage("generate", ch.py("inference.generate", "--config", cfg.generate_config,
-                               "--pipeline", jod_pipeline, "--dataset", "toy", "--data_root", toy,
-                               "--num_pairs", cfg.num_train, "--output_dir", paths["gen"],
-                               "--seed", cfg.seed, "--cpu_threads", cfg.cpu_threads, *cfg.generate_args))
-    ch.stage("optimize_masks", ch.py("inference.optimize_masks", "--input", paths["gen"],
-                                     "--thresholds", *cfg.optim_thresholds,
-                                     "--reference_size", cfg.optim_reference_size))
+    if "unet" in cfg.backbones or cfg.diffumask:  # DiffuMask samples the image-pretrained UNet
+        ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
+                                     "--dataset", "toy", "--data_root", toy,
+                                     "--pretrained_model", paths["base_model"],
+                                     "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
+                                     *cfg.image_unet_args))
+    if "unet" in cfg.backbones:
+        ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
+                                           "--label_vae", label_vae, "--output_dir", paths["jodiffusion_init"]))
+        ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
+                                "--dataset", "toy", "--data_root", toy,
+                                "--pretrained_model", paths["jodiffusion_init"],
+                                "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
+        generate_and_optimize(cfg, ch, paths["joint_run"] / "pipeline", paths["gen"], "")
     if cfg.diffumask:
         ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
                                     "--base_model", pretrained, "--output_dir", paths["diffumask"],
                                     "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
+    if "uvit" in cfg.backbones:
+        # a tiny UniDiffuser sharing the base model's image VAE and text encoder, pretrained image-only
+        # like the UNet, then given the label stream by the authors' step 0
+        ch.stage("uvit_base", ch.py("train.toy_unidiffuser_base", "--sd_base", paths["base_model"],
+                                    "--output_dir", paths["uvit_base"], "--seed", cfg.seed, *cfg.uvit_base_args))
+        ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
+                                     "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
+                                     "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
+                                     *cfg.uvit_image_args))
+        ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_image_run"] / "pipeline",
+                                    "--label_vae", label_vae, "--output_dir", paths["uvit_init"]))
+        ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
+                                     "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
+                                     "--output_dir", paths["uvit_joint_run"], "--seed", cfg.seed,
+                                     *cfg.uvit_joint_args))
+        generate_and_optimize(cfg, ch, paths["uvit_joint_run"] / "pipeline", paths["gen_uvit"], "uvit_")
 
     # segmenters: same config, same iterations, same number of pairs; only the training set differs
-    train_sets = {"real": toy, "jodiffusion": paths["gen"]}
-    for t in cfg.ablation_thresholds:
-        train_sets[f"jodiffusion_optim{t}"] = Path(f"{paths['gen']}_optim{t}")
+    train_sets = {"real": toy}
+    for backbone in cfg.backbones:
+        b = BRANCHES[backbone]
+        if b.train_set in train_sets:
+            continue
+        train_sets[b.train_set] = paths[b.gen]
+        for t in cfg.ablation_thresholds:
+            train_sets[f"{b.train_set}_optim{t}"] = Path(f"{paths[b.gen]}_optim{t}")
     if cfg.diffumask:
         train_sets["diffumask"] = paths["diffumask"]
     for name, root in train_sets.items():
@@ -178,6 +237,18 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
         ch.stage(f"seg_{name}", ch.py("train.segmenter", cfg.seg_config,
                                       "--work-dir", paths["seg"] / name, "--cfg-options", *opts))
     return dict(paths=paths, train_sets=train_sets, times=ch.times)
+
+
+def generate_and_optimize(cfg: ToyBenchmarkConfig, ch: Chain, pipeline: Path, gen: Path, prefix: str) -> None:
+    """One backbone's pairs: the same generation settings and mask optimization for every backbone."""
+    toy = chain_paths(cfg)["toy"]
+    ch.stage(f"{prefix}generate", ch.py("inference.generate", "--config", cfg.generate_config,
+                                        "--pipeline", pipeline, "--dataset", "toy", "--data_root", toy,
+                                        "--num_pairs", cfg.num_train, "--output_dir", gen,
+                                        "--seed", cfg.seed, "--cpu_threads", cfg.cpu_threads, *cfg.generate_args))
+    ch.stage(f"{prefix}optimize_masks", ch.py("inference.optimize_masks", "--input", gen,
+                                              "--thresholds", *cfg.optim_thresholds,
+                                              "--reference_size", cfg.optim_reference_size))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -302,6 +373,10 @@ def _loss_curves(res: dict, pics: Path) -> dict[str, str]:
         "image-only UNet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step", "loss_image_unet.png"),
         "joint UNet": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step",
                        "loss_joint_unet.png"),
+        "image-only U-ViT (UniDiffuser)": (p["uvit_image_run"] / "metrics.jsonl", ("loss",), "step",
+                                           "loss_image_uvit.png"),
+        "joint U-ViT": (p["uvit_joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss", "text_loss",
+                                                                "clip_loss"), "step", "loss_joint_uvit.png"),
     }
     for name in res["train_sets"]:
         for s in sorted((p["seg"] / name).glob("*/vis_data/scalars.json"))[-1:]:
@@ -312,6 +387,37 @@ def _loss_curves(res: dict, pics: Path) -> dict[str, str]:
                                                smooth=5 if x == "step" else 1):
             out[title] = png
     return out
+
+
+def median_sec_per_step(metrics: Path) -> float | None:
+    """The median of a training run's logged ``sec_per_step`` (robust to the first, slower window)."""
+    secs = [r["sec_per_step"] for r in read_jsonl(metrics) if r.get("sec_per_step") is not None]
+    return float(np.median(secs)) if secs else None
+
+
+def denoiser_parameters(pipeline: Path) -> int | None:
+    """Parameters of a pipeline folder's denoiser (``unet/``), read from its safetensors headers."""
+    files = sorted((Path(pipeline) / "unet").glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
+
+
+def _optimization_entries(gen: Path, train_set: str, cfg: ToyBenchmarkConfig, rows: dict) -> dict:
+    entries = {}
+    for t in cfg.optim_thresholds:
+        d = Path(f"{gen}_optim{t}")
+        stats_file = d / "mask_optimization.json"
+        entry = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        entry["prompt_mask_agreement"] = prompt_mask_agreement(d)["agreement"]
+        if f"{train_set}_optim{t}" in rows:
+            entry["segmenter_mIoU"] = rows[f"{train_set}_optim{t}"]["mIoU"]
+        entries[f"threshold_{t}"] = entry
+    return entries
 
 
 def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
@@ -330,30 +436,41 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
         "profile": cfg.profile,
         "toy_figures_note": "Toy figures from the built-in shapes dataset on a 2-core CPU; not the paper's numbers.",
         "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
-                     "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed},
+                     "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed,
+                     "backbones": list(cfg.backbones)},
         "segmentation": rows,
-        "prompt_mask_agreement": {"jodiffusion": prompt_mask_agreement(p["gen"])},
+        "prompt_mask_agreement": {},
         "image_mask_consistency": {},
         "mask_optimization": {},
+        "generation": {},
         "stage_seconds": res["times"],
     }
     seg_real_dir = p["seg"] / "real"
-    report["image_mask_consistency"]["jodiffusion"] = image_mask_consistency(p["gen"], cfg.seg_config, seg_real_dir)
+    backbones = {}
+    for backbone in dict.fromkeys(cfg.backbones):
+        b = BRANCHES[backbone]
+        gen = p[b.gen]
+        agreement = report["prompt_mask_agreement"][b.train_set] = prompt_mask_agreement(gen)
+        consistency = report["image_mask_consistency"][b.train_set] = image_mask_consistency(
+            gen, cfg.seg_config, seg_real_dir)
+        # the UNet's ablation keeps its key (and the README's reading of it); the U-ViT's sits beside it
+        key = "mask_optimization" if backbone == "unet" else f"mask_optimization_{backbone}"
+        report[key] = _optimization_entries(gen, b.train_set, cfg, rows)
+        seconds = res["times"].get(b.generate_stage)
+        gen_summary = json.loads((gen / "dataset.json").read_text()) if (gen / "dataset.json").exists() else {}
+        report["generation"][b.train_set] = {"seconds": seconds,
+                                             "pairs_per_s": agreement["pairs"] / seconds if seconds else None,
+                                             "settings": gen_summary.get("settings")}
+        backbones[backbone] = {
+            "training_set": b.train_set, "mIoU": rows[b.train_set]["mIoU"],
+            "ratio_to_real": rows[b.train_set]["ratio_to_real"],
+            "prompt_mask_agreement": agreement["agreement"], "image_mask_consistency": consistency["mIoU"],
+            "sec_per_training_step": median_sec_per_step(p[b.joint_run] / "metrics.jsonl"),
+            "sec_per_generated_pair": seconds / agreement["pairs"] if seconds and agreement["pairs"] else None,
+            "denoiser_parameters": denoiser_parameters(p[b.joint_run] / "pipeline")}
+    report["backbones"] = backbones
     report["real_val_confusion"] = {name: real_val_confusion(Path(p["toy"]), cfg.seg_config, p["seg"] / name)
                                     for name in res["train_sets"]}
-    for t in cfg.optim_thresholds:
-        d = Path(f"{p['gen']}_optim{t}")
-        stats_file = d / "mask_optimization.json"
-        entry = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-        entry["prompt_mask_agreement"] = prompt_mask_agreement(d)["agreement"]
-        if f"jodiffusion_optim{t}" in rows:
-            entry["segmenter_mIoU"] = rows[f"jodiffusion_optim{t}"]["mIoU"]
-        report["mask_optimization"][f"threshold_{t}"] = entry
-    gen_summary = json.loads((p["gen"] / "dataset.json").read_text()) if (p["gen"] / "dataset.json").exists() else {}
-    report["generation"] = {"jodiffusion": {"seconds": res["times"].get("generate"),
-                                            "pairs_per_s": cfg.num_train / res["times"]["generate"]
-                                            if res["times"].get("generate") else None,
-                                            "settings": gen_summary.get("settings")}}
     if cfg.diffumask:
         report["prompt_mask_agreement"]["diffumask"] = prompt_mask_agreement(p["diffumask"])
         report["image_mask_consistency"]["diffumask"] = image_mask_consistency(p["diffumask"], cfg.seg_config, seg_real_dir)
@@ -365,7 +482,8 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
                                                      if res["times"].get("diffumask") else None)}
 
     # pictures: real pairs, generated pairs (raw and optimized), DiffuMask pairs, loss curves
-    sources = [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png")]
+    sources = [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png"),
+               (p["gen_uvit"] / "preview.png", "jodiffusion_uvit_pairs.png")]
     if cfg.diffumask:
         sources.append((p["diffumask"] / "preview.png", "diffumask_pairs.png"))
     report["pictures"] = []
@@ -377,8 +495,8 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
     report["loss_curves"] = _loss_curves(res, pics)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, info))
-    # the tracked copy of the figures (runs/ is not in git): bench/results/toy_benchmark_<profile>.json
-    atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
+    if cfg.publish:  # the tracked figures (runs/ is not in git); a user's run leaves them alone
+        atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
     return report
 
 
@@ -386,6 +504,28 @@ def _fmt(x, pct=False):
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "-"
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+BACKBONE_NAMES = {"unet": "widened SD UNet", "uvit": "U-ViT (the authors')"}
+
+
+def _backbone_table(r: dict) -> list[str]:
+    """The backbones side by side (absent from reports written before the U-ViT branch)."""
+    b = r.get("backbones") or {}
+    if not b:
+        return []
+    lines = ["", "## Backbones side by side (toy figures)", "",
+             "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, training "
+             "budget, seed, generation settings and segmenter; the U-ViT is a tiny UniDiffuser pretrained here, "
+             "not UniDiffuser-v1, so this compares the two designs at toy scale, not the paper's models.", "",
+             "| backbone | denoiser parameters | s / training step | s / generated pair | synthetic-only mIoU "
+             "| ratio to real | prompt-mask agreement | image-mask consistency |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in b.items():
+        params = f"{v['denoiser_parameters'] / 1e6:.2f}M" if v.get("denoiser_parameters") else "-"
+        lines.append(f"| {BACKBONE_NAMES.get(name, name)} | {params} | {_fmt(v.get('sec_per_training_step'))} | "
+                     f"{_fmt(v.get('sec_per_generated_pair'))} | {_fmt(v.get('mIoU'))} | {_fmt(v.get('ratio_to_real'))} | "
+                     f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('image_mask_consistency'))} |")
+    return lines
 
 
 def render_markdown(r: dict, info) -> str:
@@ -438,12 +578,17 @@ def render_markdown(r: dict, info) -> str:
             lines.append(f"\n{g} consistency by prompt: " + "; ".join(parts) + ".")
     lines += ["", "Prompt-mask agreement: share of pairs whose mask holds exactly the classes the prompt names. "
               "Image-mask consistency: mIoU between the generated mask and the real-trained segmenter's "
-              "prediction on the generated image.", "", "## Mask optimization (JoDiffusion pairs)", "",
-              "| threshold (px at reference size) | pixels changed | components changed | prompt-mask agreement | segmenter mIoU |",
-              "|---|---|---|---|---|"]
-    for k, v in r["mask_optimization"].items():
-        lines.append(f"| {k.split('_')[1]} | {v.get('changed_pixels', '-')} | {v.get('changed_components', '-')} | "
-                     f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('segmenter_mIoU'))} |")
+              "prediction on the generated image."]
+    lines += _backbone_table(r)
+    for key, title in (("mask_optimization", "JoDiffusion pairs"), ("mask_optimization_uvit", "JoDiffusion U-ViT pairs")):
+        if not r.get(key):
+            continue
+        lines += ["", f"## Mask optimization ({title})", "",
+                  "| threshold (px at reference size) | pixels changed | components changed | prompt-mask agreement | segmenter mIoU |",
+                  "|---|---|---|---|---|"]
+        for k, v in r[key].items():
+            lines.append(f"| {k.split('_')[1]} | {v.get('changed_pixels', '-')} | {v.get('changed_components', '-')} | "
+                         f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('segmenter_mIoU'))} |")
     lines += ["", "## Pictures", ""]
     for pic in r["pictures"]:
         lines.append(f"![{pic}](report_files/{pic})")
@@ -459,6 +604,8 @@ def render_markdown(r: dict, info) -> str:
 
 def main(argv=None) -> dict:
     cfg = parse_config(ToyBenchmarkConfig, argv, description=__doc__)
+    if not cfg.backbones:
+        die("backbones: empty; name at least one of unet, uvit")
     run = RunDir(cfg.output_dir)
     run.save_config(cfg)
     t0 = time.time()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataset.base import DatasetInfo, SplitSpec
 
-DATASET_NAMES = ("ade20k", "voc", "coco", "toy")
+DATASET_NAMES = ("ade20k", "voc", "coco", "toy", "toy_web")
 
 
 def get_dataset_info(name: str, data_root: str | None = None) -> DatasetInfo:
@@ -20,6 +20,8 @@ def get_dataset_info(name: str, data_root: str | None = None) -> DatasetInfo:
         from dataset.coco_semantic import INFO
     elif name == "toy":
         from dataset.toy_semantic import INFO
+    elif name == "toy_web":  # captions only (masks all ignore): the toy base model's pretraining corpus
+        from dataset.toy_web import INFO
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return INFO.with_root(data_root)

@@ -4,15 +4,17 @@ and which items each process sees at each step.
     data = build_latent_source(cfg, info, dataset, models, encode_masks, accelerator, run, bad_files)
     batches = LatentBatches(data, batch_size, world, rank, seed, num_views(cfg))
     for micro, batch in batches.iterate(start):
-        latents, ids = data.latents(batch, batches.step_generator(micro, device), device, dtype)
+        latents, ids, clip = data.latents(batch, batches.step_generator(micro, device), device, dtype)
 
 A source is an ``ImageSource`` (images read and encoded every step) or a ``CachedSource``
 (``--cache_latents``: both VAEs run once; shards in ``<cache_dir>/shard-NNNNN.safetensors`` read
 through memory maps, so a node's processes share one copy in the page cache). ``cfg`` is the joint
 trainer's settings (read: mode, split, resolution, captions, augment, augment_views, cache_dir,
 cache_batch_size, dataloader_num_workers, output_dir, cache_latents). ``models`` holds the frozen
-``vae``, ``label_vae`` (None in image mode) and ``tokenizer``; ``encode_masks(label_vae, masks)``
-(``models.label_vae.encode_masks``) is passed in, as this library sits below ``models/``.
+``vae``, ``label_vae`` (None in image mode) and ``tokenizer``, and for the U-ViT ``encode_clip``
+(images in [-1, 1] -> B x 1 x D CLIP image embeddings; ``clip`` is None without it) and the
+``image_encoder`` it runs; ``encode_masks(label_vae, masks)`` (``models.label_vae.encode_masks``)
+and ``encode_clip`` are passed in, as this library sits below ``models/``.
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ class ImageSource:
         if self.models["label_vae"] is not None:
             with torch.no_grad():
                 z = torch.cat([z, self.encode_masks(self.models["label_vae"], batch["mask"].to(device)).float()], 1)
-        return z, batch["input_ids"].to(device)
+        clip = self.models["encode_clip"](batch["image"]).float() if "encode_clip" in self.models else None
+        return z, batch["input_ids"].to(device), clip
 
 
 class MappedRows:
@@ -157,7 +160,8 @@ class CachedSource:
         z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
         if "label" in self.t:
             z = torch.cat([z, self.t["label"][rows].to(device, torch.float32)], 1)
-        return z, self.t["input_ids"][rows].to(device, torch.long)
+        clip = self.t["clip"][rows].to(device, torch.float32) if "clip" in self.t else None
+        return z, self.t["input_ids"][rows].to(device, torch.long), clip
 
 
 def _weights_checksum(model) -> float:
@@ -173,6 +177,8 @@ def _cache_fingerprint(cfg, info, dataset, models: dict, dtype) -> str:
                 text=len(models["tokenizer"].get_vocab()), max_length=models["tokenizer"].model_max_length)
     if models["label_vae"] is not None:
         desc.update(label_vae=_weights_checksum(models["label_vae"]), label_scaling=models["label_vae"].config.scaling_factor)
+    if "encode_clip" in models:  # the U-ViT's CLIP image embeddings
+        desc.update(clip=_weights_checksum(models["image_encoder"]))
     if cfg.augment and cfg.augment_views != "flip":  # caches made before there was a choice keep their fingerprint
         desc.update(views=cfg.augment_views)
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
@@ -194,6 +200,8 @@ def _encode_shard(dataset, start: int, stop: int, cfg, models: dict, encode_mask
             if models["label_vae"] is not None:
                 label = encode_masks(models["label_vae"], mask.to(device))
                 parts.setdefault("label" + suffix, []).append(label.to(dtype).cpu())
+            if "encode_clip" in models:
+                parts.setdefault("clip" + suffix, []).append(models["encode_clip"](image).to(dtype).cpu())
         parts.setdefault("input_ids", []).append(tokenize(models["tokenizer"], batch["caption"]).to(torch.int32))
     return {k: torch.cat(v).contiguous() for k, v in parts.items()}
 
@@ -203,7 +211,7 @@ def open_latent_cache(cache_dir: Path, num_shards: int, suffixes: list[str]) -> 
     (``CachedSource``): every view of every item, nothing read into memory yet."""
     maps = [map_safetensors(Path(cache_dir) / f"shard-{k:05d}.safetensors")[:2] for k in range(num_shards)]
     columns = {}
-    for key in ("image_mean", "image_std", "label", "input_ids"):
+    for key in ("image_mean", "image_std", "label", "clip", "input_ids"):
         if key not in maps[0][0]:
             continue
         names = [key] * len(suffixes) if key == "input_ids" else [key + suffix for suffix in suffixes]

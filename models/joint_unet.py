@@ -113,3 +113,34 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     snr = ac / (1.0 - ac)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+
+
+def unet_joint_loss(unet, noise_scheduler, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
+                    empty_ids: torch.Tensor, gen: torch.Generator, caption_dropout: float, image_channels: int,
+                    label_loss_weight: float = 1.0, snr_gamma: float | None = None):
+    """The widened UNet's training loss on one micro-batch (METHOD.md §3): noise, one timestep
+    shared by the image and label halves, captions dropped to ``empty_ids`` with probability
+    ``caption_dropout`` (classifier-free guidance), epsilon (or v) MSE in fp32
+    (``joint_epsilon_loss``). Returns (loss, image_loss, label_loss or None)."""
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                      device=latents.device)
+    drop = torch.rand(latents.shape[0], generator=gen, device=latents.device) < caption_dropout
+    ids = torch.where(drop[:, None], empty_ids, ids)
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    noisy = noise_scheduler.add_noise(latents, noise, t)  # one t for image and label halves
+    prediction_type = noise_scheduler.config.prediction_type
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, text).sample
+    weights = None if not snr_gamma else min_snr_weights(noise_scheduler.alphas_cumprod, t, snr_gamma, prediction_type)
+    return joint_epsilon_loss(pred, target, image_channels, label_loss_weight, sample_weights=weights)
+
+
+def unet_batch_loss(unet, noise_scheduler, models: dict, latents: torch.Tensor, ids: torch.Tensor, clip, gen,
+                    image_channels: int, empty_ids: torch.Tensor, caption_dropout: float, label_loss_weight: float = 1.0,
+                    snr_gamma: float | None = None, **_):
+    """The trainer's call (``clip`` unused): ``unet_joint_loss``, as (loss, {part: loss})."""
+    loss, image_loss, label_loss = unet_joint_loss(unet, noise_scheduler, models["text_encoder"], latents, ids, empty_ids,
+                                                   gen, caption_dropout, image_channels, label_loss_weight, snr_gamma)
+    return loss, {"image": image_loss} | ({"label": label_loss} if label_loss is not None else {})

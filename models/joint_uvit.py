@@ -96,6 +96,10 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
     The config keys are those of diffusers' ``UniDiffuserModel`` plus ``inner_text_dim``.
     """
 
+    # each transformer block is recomputed in the backward pass when enabled (the authors' code
+    # crashes with it on; diffusers' UTransformer2DModel has no switch of its own)
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -130,6 +134,7 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
         inner_text_dim: int = 64,
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         if out_channels is None:
             out_channels = in_channels
         self.inner_dim = inner = num_attention_heads * attention_head_dim
@@ -254,8 +259,11 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
             lead = 2
         hidden_states = self.pos_embed_drop(torch.cat(tokens, dim=1) + pos_embed)
 
-        hidden_states = self.transformer(hidden_states, hidden_states_is_embedding=True,
-                                         unpatchify=False, return_dict=False)[0]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            hidden_states = self._checkpointed_transformer(hidden_states)
+        else:
+            hidden_states = self.transformer(hidden_states, hidden_states_is_embedding=True,
+                                             unpatchify=False, return_dict=False)[0]
 
         _, text_out, img_clip_out, img_vae_out, label_out = hidden_states.split(
             (lead, n_text, 1, n_patch, n_patch), dim=1)
@@ -264,6 +272,34 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
         img_vae_out = self._unpatchify(self.vae_img_out(img_vae_out))
         label_out = self._unpatchify(self.label_out(label_out))
         return text_out, img_vae_out, img_clip_out, label_out
+
+    def _checkpointed_transformer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``UTransformer2DModel.forward`` on embedded tokens (in blocks, mid block, out blocks with
+        their long skips, final norm) with every block recomputed in the backward pass."""
+        body, run = self.transformer, self._gradient_checkpointing_func
+        skips = []
+        for block in body.transformer_in_blocks:
+            hidden_states = run(block, hidden_states)
+            skips.append(hidden_states)
+        hidden_states = run(body.transformer_mid_block, hidden_states)
+        for out_block in body.transformer_out_blocks:
+            hidden_states = run(out_block["block"], out_block["skip"](hidden_states, skips.pop()))
+        return body.norm_out(hidden_states)
+
+    @classmethod
+    def from_unidiffuser(cls, unidiffuser, text_decoder=None) -> "JoDiffusionUViT":
+        """The authors' step 0 from UniDiffuser-v1 (``models.uvit_init.uvit_from_unidiffuser``):
+        ``unidiffuser`` is its pipeline folder (``unet/`` and ``text_decoder/`` are read), or its
+        loaded ``UniDiffuserModel`` with ``text_decoder`` its ``UniDiffuserTextDecoder``."""
+        from diffusers.pipelines.deprecated.unidiffuser import UniDiffuserModel, UniDiffuserTextDecoder
+
+        from models.uvit_init import uvit_from_unidiffuser  # built on this module: imported on use
+
+        if text_decoder is None:
+            folder = os.fspath(unidiffuser)
+            unidiffuser = UniDiffuserModel.from_pretrained(folder, subfolder="unet")
+            text_decoder = UniDiffuserTextDecoder.from_pretrained(folder, subfolder="text_decoder")
+        return uvit_from_unidiffuser(unidiffuser, text_decoder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -401,6 +401,25 @@ def load_training_components(source: str, label_vae_path: str | None, info):
     return vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler
 
 
+def load_unet_training_components(source: str, label_vae_path: str | None, info):
+    """``load_training_components`` as (models dict, unet, noise_scheduler), the form every
+    training backbone's loader returns (``models.pipelines.TRAINING``)."""
+    vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_training_components(source, label_vae_path, info)
+    return dict(vae=vae, label_vae=label_vae, text_encoder=text_encoder, tokenizer=tokenizer), unet, noise_scheduler
+
+
+def reload_unet_frozen_parts(source: str, label_vae_path: str | None) -> dict:
+    """The frozen parts loaded again in float32 (an export saves these, not the fp16 copies trained beside)."""
+    from models.label_vae import load_label_vae
+
+    parts = load_sd_components(source, parts=("vae", "text_encoder"))
+    return dict(parts, label_vae=load_label_vae(label_vae_path) if label_vae_path else None)
+
+
+def export_unet_pipeline(models: dict, unet, noise_scheduler, out_dir, source: str) -> None:
+    training_pipeline(models, unet, noise_scheduler).save_pretrained(str(out_dir), safe_serialization=True)
+
+
 def training_pipeline(models: dict, unet, noise_scheduler):
     """The pipeline a diffusion trainer exports and validates with: JoDiffusionPipeline (joint) or,
     without a label VAE, StableDiffusionPipeline; DPM-Solver++ (the authors') on the training schedule."""

@@ -37,6 +37,7 @@ from utils.training import first_line
 # the folders text2img needs (their image_encoder/ and clip_image_processor/ serve img2text only)
 UVIT_COMPONENTS = ("image_vae", "text_encoder", "clip_tokenizer", "label_vae", "unet", "scheduler")
 UVIT_CLASS_NAMES = ("JoDiffusionModel", "JoDiffusionUViT")  # theirs, ours
+UVIT_TRAINING_COMPONENTS = UVIT_COMPONENTS + ("image_encoder", "clip_image_processor")  # training embeds images
 
 
 class JoDiffusionUViTPipeline(DiffusionPipeline):

@@ -94,6 +94,24 @@ def test_recipe_files_hold_the_paper_values(d):
     assert (optim.thresholds, optim.reference_size) == ([20, 50, 100], 512)
 
 
+@pytest.mark.parametrize("d", sorted(PAPER))
+def test_uvit_recipe_files_hold_the_authors_values(d, run_script):
+    """METHOD.md §8: fp16, 8-bit AdamW, lr 5e-5 constant, grad clip 1, effective batch 32 (COCO 64),
+    512 px centre crop + flip (the latent cache's views), no caption dropout; checkpointing on."""
+    uvit = resolve("train.joint_diffusion", ["--config", f"configs/joint_diffusion/{d}_uvit.yaml"])
+    assert (uvit.dataset, uvit.mode, uvit.num_train_epochs, uvit.resolution) == (d, "joint", PAPER[d]["joint_epochs"], 512)
+    assert uvit.train_batch_size * 4 * uvit.gradient_accumulation_steps == (64 if d == "coco" else 32)
+    assert (uvit.learning_rate, uvit.lr_scheduler, uvit.mixed_precision, uvit.use_8bit_adam, uvit.max_grad_norm) == (
+        5e-5, "constant", "fp16", True, 1.0)
+    assert (uvit.cache_latents, uvit.augment, uvit.augment_views, uvit.caption_dropout, uvit.text_loss_weight,
+            uvit.gradient_checkpointing) == (True, True, "flip", 0.0, 1.0, True)
+    calls = run_script(f"scripts/ldm/{d}_uvit.sh", DATA_ROOT="/r")
+    assert [c[1] for c in calls] == ["inference.uvit_init", "train.joint_diffusion"]
+    init, train = (resolve(c[1], c[2]) for c in calls)
+    assert init.unidiffuser == "thu-ml/unidiffuser-v1" and train.pretrained_model == init.output_dir
+    assert train.output_dir == f"runs/{d}/uvit_5e5" and train.dataset == d and train.data_root == "/r"
+
+
 def test_a_copied_recipe_changes_the_run(run_script, tmp_path):
     """A user copies one file, edits it and points CONFIG at it; everything else stays."""
     mine = tmp_path / "voc_lr2e-5.yaml"

@@ -38,6 +38,8 @@ CONFIG_CLASSES = {
     "inference.optimize_masks": ("inference.optimize_masks", "OptimizeMasksConfig"),
     "inference.diffumask": ("inference.diffumask", "DiffuMaskConfig"),
     "inference.diffumask_noise_filter": ("inference.diffumask_noise_filter", "NoiseFilterConfig"),
+    "inference.uvit_init": ("inference.uvit_init", "UViTInitConfig"),
+    "inference.fetch_weights": ("inference.fetch_weights", "FetchConfig"),
 }
 # what the trainers write inside their --output_dir (train/label_vae.py, train/joint_diffusion.py)
 LABEL_VAE_SUBDIR, PIPELINE_SUBDIR = "label_vae", "pipeline"

@@ -1,10 +1,15 @@
-"""The toy benchmark's own logic: its metrics, its resumable stage runner and its report."""
+"""The toy benchmark's own logic: its metrics, its resumable stage runner, its stage wiring and its report."""
 import json
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
+import bench.toy_benchmark as toy_benchmark
 from bench.toy_benchmark import (
     Chain,
     ToyBenchmarkConfig,
@@ -12,9 +17,17 @@ from bench.toy_benchmark import (
     prompt_mask_agreement,
     real_val_confusion,
     render_markdown,
+    run_chain,
+    write_report,
 )
 from dataset import get_dataset_info
+from utils.config import parse_config
 from utils.io import RunDir, save_image_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+# the UNet branch's stages as run folders written before the U-ViT branch name them (they must resume)
+UNET_STAGES = ["toy_data", "label_vae", "base_model", "image_unet", "init_jodiffusion", "joint", "generate",
+               "optimize_masks"]
 
 
 def _generated_folder(root, pairs):
@@ -143,3 +156,201 @@ def test_image_mask_consistency_is_also_scored_by_prompt_size(tmp_path, monkeypa
     assert r["pairs"] == 2
     assert r["by_named_classes"]["1"] == {"pairs": 1, "mIoU": 1.0}
     assert r["by_named_classes"]["2"]["pairs"] == 1 and r["by_named_classes"]["2"]["mIoU"] < 0.5
+
+
+# ------------------------------------------------------------------ backbones: config, stage wiring
+
+
+def _profile(name: str, tmp_path, *flags) -> ToyBenchmarkConfig:
+    return parse_config(ToyBenchmarkConfig, ["--config", str(REPO / f"configs/toy_benchmark/{name}.yaml"),
+                                             "--output_dir", str(tmp_path / "run"), *flags])
+
+
+def test_backbones_rejects_an_unknown_name_in_one_line(tmp_path, capsys):
+    assert _profile("demo", tmp_path).backbones == ["unet"]
+    assert _profile("bench", tmp_path).backbones == ["unet", "uvit"]
+    with pytest.raises(SystemExit):
+        _profile("bench", tmp_path, "--backbones", "unet", "dit")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "backbones" in lines[0] and "'dit'" in lines[0] and "uvit" in lines[0], lines
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbones: [uvit, transformer]\n")
+    with pytest.raises(SystemExit):
+        parse_config(ToyBenchmarkConfig, ["--config", str(bad)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "'transformer'" in lines[0], lines
+
+
+def _record_stages(monkeypatch) -> dict[str, list[str]]:
+    """Run the chain's stages as recorded argv (no process starts): stage name -> argv."""
+    calls = {}
+
+    def fake_run(argv, **kwargs):
+        log = Path(kwargs["stdout"].name)
+        calls[log.stem] = [str(a) for a in argv]
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(toy_benchmark.subprocess, "run", fake_run)
+    return calls
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_demo_profile_runs_the_unet_branch_under_its_old_stage_names(tmp_path, monkeypatch):
+    cfg = _profile("demo", tmp_path)
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    run.close()
+    assert list(calls) == UNET_STAGES + ["diffumask", "seg_real", "seg_jodiffusion", "seg_diffumask"]
+    assert not any("uvit" in a for argv in calls.values() for a in argv)
+    assert set(res["train_sets"]) == {"real", "jodiffusion", "diffumask"}
+
+
+def test_uvit_branch_shares_data_label_vae_base_seed_and_generation_settings(tmp_path, monkeypatch):
+    cfg = _profile("bench", tmp_path, "--seed", "7")
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    run.close()
+    out, p = Path(cfg.output_dir), res["paths"]
+    uvit = ["uvit_base", "uvit_image", "uvit_init", "uvit_joint", "uvit_generate", "uvit_optimize_masks"]
+    assert [n for n in calls if n.startswith("uvit_")] == uvit
+    assert {"seg_jodiffusion_uvit", "seg_jodiffusion_uvit_optim50", "seg_jodiffusion_optim50"} <= set(calls)
+    # each stage reads what the one before it wrote
+    assert _flag(calls["uvit_base"], "--sd_base") == _flag(calls["base_model"], "--output_dir")
+    assert _flag(calls["uvit_image"], "--pretrained_model") == _flag(calls["uvit_base"], "--output_dir")
+    assert _flag(calls["uvit_image"], "--mode") == "image"
+    assert _flag(calls["uvit_init"], "--unidiffuser") == str(Path(_flag(calls["uvit_image"], "--output_dir")) / "pipeline")
+    assert _flag(calls["uvit_init"], "--label_vae") == _flag(calls["init_jodiffusion"], "--label_vae")
+    assert _flag(calls["uvit_joint"], "--pretrained_model") == _flag(calls["uvit_init"], "--output_dir")
+    assert _flag(calls["uvit_joint"], "--config").endswith("toy_uvit_bench.yaml")
+    assert _flag(calls["uvit_generate"], "--pipeline") == str(Path(_flag(calls["uvit_joint"], "--output_dir")) / "pipeline")
+    assert _flag(calls["uvit_optimize_masks"], "--input") == _flag(calls["uvit_generate"], "--output_dir")
+    # the same toy data and seed everywhere; the same generation and mask optimization as the UNet's
+    for name in ("uvit_image", "uvit_joint", "joint", "uvit_generate"):
+        assert _flag(calls[name], "--data_root") == str(p["toy"]) and _flag(calls[name], "--seed") == "7"
+    swap = {_flag(calls["generate"], "--pipeline"): "PIPELINE", _flag(calls["generate"], "--output_dir"): "OUT",
+            _flag(calls["uvit_generate"], "--pipeline"): "PIPELINE", _flag(calls["uvit_generate"], "--output_dir"): "OUT"}
+    assert [swap.get(a, a) for a in calls["uvit_generate"]] == [swap.get(a, a) for a in calls["generate"]]
+    assert calls["uvit_optimize_masks"][5:] == calls["optimize_masks"][5:]  # after "python -m module --input DIR"
+    seg = calls["seg_jodiffusion_uvit"]
+    assert f"train_dataloader.dataset.data_root={_flag(calls['uvit_generate'], '--output_dir')}" in seg
+    assert [a for a in seg if "data_root" not in a and "segmenters" not in a] == \
+        [a for a in calls["seg_jodiffusion"] if "data_root" not in a and "segmenters" not in a]
+    assert all(str(out) in _flag(argv, "--output_dir") for n, argv in calls.items() if "--output_dir" in argv)
+
+
+def test_a_finished_unet_run_folder_resumes_and_runs_only_the_uvit_stages(tmp_path, monkeypatch):
+    cfg = _profile("bench", tmp_path)
+    stages = Path(cfg.output_dir) / "stages"
+    stages.mkdir(parents=True)
+    for name in UNET_STAGES + ["seg_real", "seg_jodiffusion", "seg_jodiffusion_optim50"]:
+        (stages / f"{name}.json").write_text(json.dumps({"seconds": 1.0, "argv": []}))
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    run.close()
+    assert list(calls) == ["uvit_base", "uvit_image", "uvit_init", "uvit_joint", "uvit_generate",
+                           "uvit_optimize_masks", "seg_jodiffusion_uvit", "seg_jodiffusion_uvit_optim50"]
+    assert res["times"]["joint"] == 1.0  # the finished stages keep their recorded time
+
+
+# ------------------------------------------------------------------ report: side by side, nothing tracked
+
+
+def _fill_fake_run(res: dict, num_pairs: int, per_step: dict, params: dict) -> None:
+    """What the stages would have left, tiny: toy val pairs, each generator's pairs, each segmenter's
+    final metrics and a checkpoint, each joint run's metrics and exported denoiser."""
+    p = res["paths"]
+    info = get_dataset_info("toy")
+    mask = np.zeros((8, 8), np.uint8); mask[2:5, 2:5] = 1
+    for i in range(3):
+        save_image_atomic(p["toy"] / "ann_dir" / "val" / f"{i}.png", mask)
+        save_image_atomic(p["toy"] / "img_dir" / "val" / f"{i}.png", np.full((8, 8, 3), 60, np.uint8))
+    for name, root in res["train_sets"].items():
+        work = p["seg"] / name
+        work.mkdir(parents=True)
+        (work / "iter_1.pth").write_bytes(b"")
+        miou = 0.9 if name == "real" else 0.6 if "uvit" in name else 0.72
+        (work / "final_metrics.json").write_text(json.dumps(
+            {"mIoU": miou, "per_class_IoU": {c: miou for c in info.seg_classes}}))
+        if name == "real":
+            continue
+        Path(root).mkdir(parents=True)
+        _generated_folder(Path(root), [("a red circle on a noisy background", mask)] * num_pairs)
+        for i in range(num_pairs):
+            save_image_atomic(Path(root) / "img_dir" / "train" / f"{i:06d}.png", np.full((8, 8, 3), 60, np.uint8))
+    for run_key, secs in per_step.items():
+        rows = [{"step": 10 * (i + 1), "loss": 1.0 / (i + 1), "sec_per_step": s} for i, s in enumerate(secs)]
+        rows.append({"event": "finished"})  # a line without a step time is not counted
+        (p[run_key] / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (p[run_key] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for run_key, shapes in params.items():
+        unet = p[run_key] / "pipeline" / "unet"
+        unet.mkdir(parents=True)
+        save_file({f"w{i}": torch.zeros(s) for i, s in enumerate(shapes)}, str(unet / "diffusion_pytorch_model.safetensors"))
+
+
+def _blank_predict(monkeypatch):
+    import models.segmenter
+
+    monkeypatch.setattr(models.segmenter, "predict",
+                        lambda config, checkpoint, images: [np.zeros(im.shape[:2], np.uint8) for im in images])
+
+
+def _snapshot(folder: Path) -> dict:
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def test_demo_report_writes_only_into_its_run_folder(tmp_path, monkeypatch):
+    cfg = _profile("demo", tmp_path)
+    assert cfg.publish is False
+    _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    _fill_fake_run(res, 4, {"joint_run": [0.3, 0.2]}, {"joint_run": [(3, 4)]})
+    _blank_predict(monkeypatch)
+    tracked = REPO / "bench" / "results"
+    before = _snapshot(tracked)
+    # run from a scratch folder: a relative bench/results/ would appear here, not in the repository
+    monkeypatch.chdir(tmp_path)
+    report = write_report(cfg, res, run)
+    run.close()
+    assert not (tmp_path / "bench").exists()
+    assert _snapshot(tracked) == before
+    assert json.loads((Path(cfg.output_dir) / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert (Path(cfg.output_dir) / "report.md").is_file()
+
+
+def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # bench/results/ resolves here, not in the repository
+    cfg = _profile("bench", tmp_path, "--publish", "true", "--optim_thresholds", "50")
+    _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    _fill_fake_run(res, 5, {"joint_run": [0.9, 0.2, 0.2, 0.3], "uvit_joint_run": [0.5, 0.4, 0.6]},
+                   {"joint_run": [(3, 4), (5,)], "uvit_joint_run": [(2, 8, 8)]})
+    res["times"].update(generate=10.0, uvit_generate=15.0)
+    _blank_predict(monkeypatch)
+    report = write_report(cfg, res, run)
+    run.close()
+    b = report["backbones"]
+    assert list(b) == ["unet", "uvit"]
+    assert b["unet"]["sec_per_training_step"] == pytest.approx(0.25)  # median of the logged step times
+    assert b["uvit"]["sec_per_training_step"] == pytest.approx(0.5)
+    assert b["unet"]["denoiser_parameters"] == 17 and b["uvit"]["denoiser_parameters"] == 128
+    assert b["unet"]["sec_per_generated_pair"] == pytest.approx(10.0 / 5)
+    assert b["uvit"]["sec_per_generated_pair"] == pytest.approx(15.0 / 5)
+    assert b["uvit"]["mIoU"] == pytest.approx(0.6) and b["uvit"]["ratio_to_real"] == pytest.approx(0.6 / 0.9)
+    assert b["unet"]["prompt_mask_agreement"] == report["prompt_mask_agreement"]["jodiffusion"]["agreement"]
+    assert b["uvit"]["image_mask_consistency"] == report["image_mask_consistency"]["jodiffusion_uvit"]["mIoU"]
+    assert set(report["mask_optimization"]) == set(report["mask_optimization_uvit"]) == {"threshold_50"}
+    md = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "## Backbones side by side (toy figures)" in md
+    assert "| U-ViT (the authors') | 0.00M | 0.500 | 3.000 | 0.600 | 0.667 |" in md
+    assert "## Mask optimization (JoDiffusion U-ViT pairs)" in md
+    published = tmp_path / "bench" / "results" / "toy_benchmark_benchmark.json"
+    assert json.loads(published.read_text()) == json.loads((Path(cfg.output_dir) / "report.json").read_text())

@@ -4,9 +4,11 @@
         --data_root data/VOCdevkit/VOC2012 --pretrained_model runs/voc/jodiffusion_init --output_dir runs/voc/joint_5e5
 
 ``--pretrained_model`` is the folder ``inference.jodiffusion`` writes (weight initialisation), or an
-SD folder / hub id plus ``--label_vae`` (the UNet is widened here). Frozen: image VAE, label VAE,
-text encoder. Trained: the UNet, with ``joint_loss`` below (one timestep for both latent halves,
-caption dropout for classifier-free guidance). Defaults are the authors' recipe (METHOD.md §3).
+SD folder / hub id plus ``--label_vae`` (the UNet is widened here); or a U-ViT folder (the authors'
+backbone: ``inference.uvit_init`` writes its step 0, ``configs/joint_diffusion/*_uvit.yaml``). The
+folder decides the backbone (``models.pipelines.TRAINING``), and the backbone the loss and its inputs
+(``joint_loss`` below); the loop is the same. Frozen: image VAE, label VAE, text encoder (and the
+U-ViT's CLIP image encoder). Defaults are the authors' recipe (METHOD.md §3).
 The run folder gets ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoint-N/``,
 ``validation/step-N.png`` and ``pipeline/`` (EMA weights with ``--use_ema``): a JoDiffusionPipeline,
 or in image mode a StableDiffusionPipeline for ``inference.jodiffusion`` to widen. Data order, noise
@@ -26,16 +28,16 @@ from tqdm import tqdm
 from dataset import get_dataset_info
 from dataset.latents import AUGMENT_VIEWS, LatentBatches, build_latent_source, num_views
 from dataset.segmentation import DatasetError, SegmentationDataset
-from models.joint_unet import joint_epsilon_loss, min_snr_weights
-from models.label_vae import encode_masks, load_label_vae
-from models.pipeline_jodiffusion import load_sd_components, load_training_components, training_pipeline
+from models.label_vae import encode_masks
+from models.pipelines import TRAINING, TRAINING_FOLDER_PARTS, training_backbone
+from models.uvit_training import clip_image_embeds
 from utils.checkpoints import (BadFiles, SkippedSteps, close_trackers, log_step, resume_step, save_checkpoint,
                                unet_checkpoint_hooks)
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.precision import weight_dtype
-from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights, freeze,
-                            make_adamw, make_lr_scheduler, start_run, trainable_unet, validation_grid)
+from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights,
+                            freeze, make_adamw, make_lr_scheduler, start_run, trainable_unet, validation_grid)
 from utils.visualize import plot_curves
 
 
@@ -77,6 +79,8 @@ class JointDiffusionConfig:
     allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability of the empty prompt (classifier-free guidance)"})
     label_loss_weight: float = field(default=1.0, metadata={"help": "w in (image_loss + w label_loss)/(1+w); 1 = plain mean (authors)"})
+    text_loss_weight: float = field(default=1.0, metadata={"help": "U-ViT only: weight of the text part's squared errors in "
+                                    "the flat MSE (1 = the authors' loss; the text is ~64%% of the elements at 512 px)"})
     snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (e.g. 5; the logged losses are then weighted too); unset = plain mean (authors)"})
     use_ema: bool = field(default=False, metadata={"help": "keep EMA weights (exported instead of the raw ones)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers EMAModel, warm-up (1+n)/(10+n))"})
@@ -124,7 +128,8 @@ def train(cfg: JointDiffusionConfig) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         info = get_dataset_info(cfg.dataset, cfg.data_root)
-        check_model_folders(cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None)
+        check_model_folders(cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None,
+                            TRAINING_FOLDER_PARTS[training_backbone(cfg.pretrained_model)])
     except ValueError as e:
         die(str(e))
 
@@ -141,6 +146,9 @@ def train(cfg: JointDiffusionConfig) -> None:
     global_step = resume_step(accelerator, run, run.path, cfg.resume_from_checkpoint)
 
     r.prompts = (list(cfg.validation_prompts) or r.data.preview_captions)[: max(cfg.num_validation_images, 0)]
+    if r.prompts and r.backbone.pipeline is None:
+        run.log(f"no validation grids: {cfg.pretrained_model} is not a generation pipeline")
+        r.prompts = []
     run.log(f"{len(r.data)} training items, {max_steps} steps of {cfg.train_batch_size} x {accelerator.num_processes} "
             f"x {cfg.gradient_accumulation_steps} = {cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps}"
             f" ({max_steps / updates_per_epoch:.1f} epochs)")
@@ -152,29 +160,22 @@ def train(cfg: JointDiffusionConfig) -> None:
     run.close()
 
 
-def joint_loss(cfg: JointDiffusionConfig, r, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator):
-    """The training loss of one micro-batch: noise, one timestep shared by the image and label
-    halves, captions dropped to the empty prompt (classifier-free guidance), epsilon (or v) loss in
-    fp32 (``joint_epsilon_loss``). Returns (loss, image_loss, label_loss or None)."""
-    scheduler = r.noise_scheduler
-    noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
-    drop = torch.rand(latents.shape[0], generator=gen, device=latents.device) < cfg.caption_dropout
-    ids = torch.where(drop[:, None], r.empty_ids, ids)
-    with torch.no_grad():
-        text = r.models["text_encoder"](ids)[0]
-    noisy = scheduler.add_noise(latents, noise, t)  # one t for image and label halves
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = r.unet(noisy, t, text).sample
-    weights = None if not cfg.snr_gamma else min_snr_weights(
-        scheduler.alphas_cumprod, t, cfg.snr_gamma, scheduler.config.prediction_type)
-    return joint_epsilon_loss(pred, target, r.image_channels, cfg.label_loss_weight, sample_weights=weights)
+def joint_loss(cfg: JointDiffusionConfig, r, latents: torch.Tensor, ids: torch.Tensor, clip, gen: torch.Generator):
+    """The loss of one micro-batch, as the backbone defines it (``models.pipelines.TRAINING``): the
+    widened UNet's (``models.joint_unet.unet_joint_loss``: one timestep for both latent halves,
+    caption dropout) or the authors' U-ViT objective (``models.uvit_training.uvit_joint_loss``).
+    Returns (loss, [each of ``r.loss_parts``])."""
+    loss, parts = r.backbone.loss(r.unet, r.noise_scheduler, r.models, latents, ids, clip, gen,
+                                  image_channels=r.image_channels, empty_ids=r.empty_ids, caption_dropout=cfg.caption_dropout,
+                                  label_loss_weight=cfg.label_loss_weight, snr_gamma=cfg.snr_gamma,
+                                  text_loss_weight=cfg.text_loss_weight)
+    return loss, [parts[k] for k in r.loss_parts]
 
 
 def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int, max_steps: int) -> int:
     """The accelerate loop from ``global_step`` to ``max_steps``: a metrics line every
     ``logging_steps``, checkpoints, validation grids. Returns the last step."""
-    window, skipped = LossWindow(3, accelerator.device), SkippedSteps()  # loss, image_loss, label_loss
+    window, skipped = LossWindow(1 + len(r.loss_parts), accelerator.device), SkippedSteps()  # loss, then each part
     # closed (its line ended) also when a bad file stops the run, so the error line starts a line
     with tqdm(total=max_steps, initial=global_step, desc=f"{cfg.mode} diffusion", dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
@@ -185,10 +186,10 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
                 r.bad_files.add(batch)
             with accelerator.accumulate(r.unet):
                 gen = r.batches.step_generator(micro, accelerator.device)
-                latents, ids = r.data.latents(batch, gen, accelerator.device, r.weight_dtype)
-                loss, image_loss, label_loss = joint_loss(cfg, r, latents, ids, gen)
+                latents, ids, clip = r.data.latents(batch, gen, accelerator.device, r.weight_dtype)
+                loss, parts = joint_loss(cfg, r, latents, ids, clip, gen)
                 backward_step(accelerator, loss, r.unet, r.optimizer, r.lr_scheduler, cfg.max_grad_norm)
-            window.add(loss, image_loss, label_loss if label_loss is not None else image_loss)
+            window.add(loss, *parts)
             if not accelerator.sync_gradients:
                 continue
             skipped.update(accelerator)
@@ -198,10 +199,8 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
             bar.update(1)
             if global_step % cfg.logging_steps == 0 or global_step == max_steps:
                 means, sec = window.read(accelerator, cfg.gradient_accumulation_steps)
-                row = dict(step=global_step, loss=means[0], image_loss=means[1], lr=r.lr_scheduler.get_last_lr()[0],
-                           sec_per_step=sec)
-                if cfg.mode == "joint":
-                    row["label_loss"] = means[2]
+                row = dict(step=global_step, loss=means[0], **{f"{k}_loss": m for k, m in zip(r.loss_parts, means[1:])},
+                           lr=r.lr_scheduler.get_last_lr()[0], sec_per_step=sec)
                 log_step(run, row, skipped, r.bad_files)
                 bar.set_postfix(loss=f"{means[0]:.4f}")
             if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
@@ -213,22 +212,31 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
 
 
 def build_models(cfg: JointDiffusionConfig, info, accelerator, run: RunDir, mixed: str) -> SimpleNamespace:
-    """Frozen VAE, label VAE and text encoder (cast to the weight dtype), the trained UNet and its EMA."""
+    """The backbone the folder holds (``models.pipelines.TRAINING``): its frozen parts (cast to the
+    weight dtype), the trained denoiser and its EMA."""
+    backbone = training_backbone(cfg.pretrained_model)
     try:
-        vae, label_vae, text_encoder, tokenizer, unet, noise_scheduler = load_training_components(
+        models, unet, noise_scheduler = TRAINING[backbone].load(
             cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None, info)
     except ValueError as e:
         die(str(e))
     dtype = weight_dtype(mixed)
-    freeze([vae, label_vae, text_encoder], accelerator.device, dtype)
-    ema_unet = trainable_unet(unet, cfg.gradient_checkpointing, cfg.ema_decay if cfg.use_ema else None, accelerator.device)
-    unet_checkpoint_hooks(accelerator, ema_unet)
-    attn = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-    run.log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {unet.config.in_channels} -> "
-            f"{unet.config.out_channels} channels, attention {', '.join(attn)} (PyTorch SDPA), mixed precision {mixed}")
-    models = dict(vae=vae, label_vae=label_vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    freeze([models.get(k) for k in ("vae", "label_vae", "text_encoder", "image_encoder", "text_decoder")],
+           accelerator.device, dtype)
+    if "image_encoder" in models:  # the U-ViT's third stream: CLIP image embeddings of the training images
+        models["encode_clip"] = lambda images: clip_image_embeds(models["image_encoder"], models["clip_processor"], images)
+    try:
+        ema_unet = trainable_unet(unet, cfg.gradient_checkpointing, cfg.ema_decay if cfg.use_ema else None, accelerator.device)
+    except ValueError as e:  # a model without it (diffusers' UniDiffuserModel)
+        die(f"--gradient_checkpointing true: {error_line(e)}")
+    unet_checkpoint_hooks(accelerator, ema_unet, type(unet))
+    attn = sorted({type(m.processor).__name__ for m in unet.modules() if hasattr(m, "processor")})
+    run.log(f"{backbone} {type(unet).__name__} {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+            f"attention {', '.join(attn)} (PyTorch SDPA), mixed precision {mixed}")
+    loss_parts = tuple(k for k in TRAINING[backbone].parts if cfg.mode == "joint" or k != "label")
     return SimpleNamespace(models=models, unet=unet, ema_unet=ema_unet, noise_scheduler=noise_scheduler, info=info,
-                           weight_dtype=dtype, image_channels=vae.config.latent_channels)
+                           weight_dtype=dtype, image_channels=models["vae"].config.latent_channels,
+                           backbone=TRAINING[backbone], loss_parts=loss_parts)
 
 
 def build_data(cfg: JointDiffusionConfig, info, models: dict, accelerator, run: RunDir):
@@ -263,12 +271,12 @@ def export(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: 
     model.eval()
     parts = r.models
     if r.weight_dtype != torch.float32:
-        fresh = load_sd_components(cfg.pretrained_model, parts=("vae", "text_encoder"))
-        parts = dict(parts, **fresh, label_vae=load_label_vae(label_vae_path(cfg)) if parts["label_vae"] is not None else None)
-    training_pipeline(parts, model, r.noise_scheduler).save_pretrained(str(run.path / "pipeline"), safe_serialization=True)
+        parts = dict(parts, **r.backbone.reload_frozen(cfg.pretrained_model,
+                                                       label_vae_path(cfg) if parts["label_vae"] is not None else None))
+    r.backbone.export(parts, model, r.noise_scheduler, run.path / "pipeline", cfg.pretrained_model)
     run.log(f"exported the {'EMA ' if r.ema_unet is not None else ''}pipeline to {run.path / 'pipeline'}")
     validate(cfg, accelerator, run, r, model, global_step)
-    keys = ("loss", "image_loss", "label_loss") if cfg.mode == "joint" else ("loss",)
+    keys = ("loss",) + tuple(f"{k}_loss" for k in r.loss_parts)
     if (run.path / "metrics.jsonl").exists():
         plot_curves(run.path / "metrics.jsonl", run.path / "loss.png", keys=keys, smooth=5)
 
@@ -280,7 +288,7 @@ def validate(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, model, step
         return
     with ema_weights(ema, model):
         model.eval()
-        validation_grid(training_pipeline(r.models, model, r.noise_scheduler), r.prompts,
+        validation_grid(r.backbone.pipeline(r.models, model, r.noise_scheduler), r.prompts,
                         [cfg.seed + i for i in range(len(r.prompts))], run.path / "validation" / f"step-{step}.png",
                         accelerator.autocast, info=None if cfg.mode == "image" else r.info,
                         num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.guidance_scale)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ class ToyBaseModelConfig:
     text_hidden: int = field(default=32, metadata={"help": "text encoder width (= UNet cross-attention dim)"})
     text_layers: int = field(default=2, metadata={"help": "text encoder layers"})
     max_length: int = field(default=32, metadata={"help": "tokenizer max length"})
+    vocabulary_file: str | None = field(default=None, metadata={
+        "help": "text file whose words also join the tokenizer vocabulary (e.g. captions of another dataset "
+                "the model must read)"})
     max_train_steps: int = field(default=1500, metadata={"help": "VAE optimisation steps"})
     train_batch_size: int = field(default=32, metadata={"help": "VAE batch size"})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (VAE)"})
@@ -122,6 +126,11 @@ def main(argv=None) -> None:
         images, texts, skipped = load_images(cfg, info)
     except (DatasetError, ValueError) as e:
         die(error_line(e))
+    if cfg.vocabulary_file:
+        try:
+            texts += Path(cfg.vocabulary_file).read_text().splitlines()
+        except OSError as e:
+            die(f"--vocabulary_file {cfg.vocabulary_file}: {e.strerror or e}")
     factor = 2 ** (len(cfg.vae_channels) - 1)
     if cfg.resolution % factor:
         die(f"--resolution {cfg.resolution} is not divisible by the VAE factor {factor}")

@@ -203,11 +203,14 @@ def resume_step(accelerator, run, output_dir: Path, which: str | None) -> int:
     return checkpoint_step(ckpt)
 
 
-def unet_checkpoint_hooks(accelerator, ema_unet=None) -> None:
-    """``save_state`` writes the UNet as ``unet/`` (save_pretrained, safetensors) and the EMA
-    weights as ``unet_ema/``; ``load_state`` reads them back."""
+def unet_checkpoint_hooks(accelerator, ema_unet=None, model_cls=None) -> None:
+    """``save_state`` writes the trained denoiser (``model_cls``, default the SD UNet; the U-ViT
+    too) as ``unet/`` (save_pretrained, safetensors) and the EMA weights as ``unet_ema/``;
+    ``load_state`` reads them back."""
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
+
+    model_cls = model_cls or UNet2DConditionModel
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -220,12 +223,12 @@ def unet_checkpoint_hooks(accelerator, ema_unet=None) -> None:
 
     def load_hook(models, input_dir):
         if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(str(Path(input_dir) / "unet_ema"), UNet2DConditionModel, foreach=True)
+            loaded = EMAModel.from_pretrained(str(Path(input_dir) / "unet_ema"), model_cls, foreach=True)
             ema_unet.load_state_dict(loaded.state_dict())
             ema_unet.to(accelerator.device)
         while models:
             model = models.pop()
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            loaded = model_cls.from_pretrained(input_dir, subfolder="unet")
             model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -65,7 +65,7 @@ def make_adamw(params, lr: float, use_8bit: bool, betas, weight_decay: float, ep
     return opt_cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **extra)
 
 
-def check_model_folders(pretrained_model: str, label_vae: str | None) -> None:
+def check_model_folders(pretrained_model: str, label_vae: str | None, parts=SD_PARTS) -> None:
     """Before anything loads: the base model folder has every part with complete weights, and the
     label VAE folder (when given and present) has a complete weights file; ValueError naming the
     file otherwise."""
@@ -74,7 +74,7 @@ def check_model_folders(pretrained_model: str, label_vae: str | None) -> None:
         raise ValueError(f"{src}: --pretrained_model folder not found (the pipeline folder written by "
                          "inference.jodiffusion, or a Stable Diffusion folder / hub id)")
     if src.exists():
-        check_pipeline_folder(src, SD_PARTS)
+        check_pipeline_folder(src, parts)
     if label_vae is not None and Path(label_vae).is_dir():
         folder = Path(label_vae)
         folder = folder / "label_vae" if not (folder / "config.json").is_file() else folder

@@ -4,8 +4,8 @@
 # Recipe: CONFIG (default configs/generate/ade20k.yaml: the paper's sampler, steps, guidance, prompts);
 # their text2img procedure (models/pipeline_uvit.py). Masks are written in this project's label
 # convention (docs/label_conventions.md).
-# Hardware: GPUS GPU(s), fp16. Memory and time: bench/results/uvit_speed.json (CPU figures; no GPU
-# figure measured yet).
+# Hardware: GPUS GPU(s), fp16. Memory: 3.78 GiB per GPU at batch 8 (computed, python -m bench.bench_memory).
+# Time: not measured on a GPU yet (CPU figures: bench/results/uvit_speed.json).
 # Same seed -> same bytes whatever GPUS is; rerun the same command to resume.
 # Input: PIPELINE = a U-ViT pipeline folder (image_vae/ text_encoder/ clip_tokenizer/ label_vae/
 # unet/ scheduler/), e.g. from: python -m inference.fetch_weights --source HUB_ID_OR_FOLDER --output_dir $PIPELINE

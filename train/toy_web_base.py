@@ -1,0 +1,151 @@
+"""Make the pretrained toy base model from scratch: the toy world's "Stable Diffusion".
+
+    nohup nice -n 19 python -m train.toy_web_base --output_dir runs/toy_web_base > runs/toy_web_base.out 2>&1 &
+
+The defaults are the shipped base's recipe. Budget: ~45 CPU-minutes alone on the 2-core CPU
+(corpus ~2, VAE ~6, latent cache ~2, UNet 8000 steps of 32 at ~0.25 s), 2-5x that beside other jobs.
+
+Three stages, each a subprocess writing its own run folder under ``output_dir``:
+
+1. ``corpus/``: the toy "web" corpus (``dataset/toy_web.py``): captioned pictures of 13 shape
+   kinds, no masks, seeds apart from the segmentation set's;
+2. ``base_init/``: ``train.toy_base_model`` on that corpus: the image VAE, a tokenizer whose
+   vocabulary covers the web captions and the segmentation toy captions, the frozen random text
+   encoder and an untrained UNet (SD layout);
+3. ``image_diffusion/``: ``train.joint_diffusion --mode image`` trains the UNet on the corpus.
+
+Then ``model/`` is the shipped base: the SD folder (``StableDiffusionPipeline.from_pretrained``
+loads it) with ``config.yaml`` (this command's settings and both stages' resolved configs),
+``metrics.jsonl`` + ``training_curve.png`` (UNet), ``vae_metrics.jsonl``, ``samples.png`` and
+``sha256.txt`` (every weights file). Rerunning the same command resumes: the corpus and the
+VAE are kept, the UNet continues from its latest checkpoint (a larger ``--max_train_steps``
+trains longer).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dataset.toy_web import MAX_OBJECTS, vocabulary_captions, write_web_corpus
+from utils.config import config_to_dict, die, parse_config
+from utils.io import RunDir, atomic_write_text
+from utils.visualize import plot_curves
+
+
+@dataclass
+class ToyWebBaseConfig:
+    """Build the pretrained toy base model: web corpus -> image VAE + text parts -> image-only UNet."""
+
+    output_dir: str = field(default="runs/toy_web_base", metadata={"help": "run folder (the base lands in model/)"})
+    corpus_dir: str | None = field(default=None, metadata={"help": "corpus folder (default: <output_dir>/corpus)"})
+    # 20000 pictures x 2 flips: ~13 epochs of the UNet's 8000 steps of 32
+    num_images: int = field(default=20000, metadata={"help": "pictures in the web corpus"})
+    max_objects: int = field(default=MAX_OBJECTS, metadata={"help": "at most this many shapes per picture"})
+    resolution: int = field(default=32, metadata={"help": "image side in pixels"})
+    seed: int = field(default=0, metadata={"help": "seed of the corpus and of both training stages"})
+    base_model_config: str = field(default="configs/toy_base_model/web.yaml",
+                                   metadata={"help": "train.toy_base_model profile (VAE, text encoder, UNet shape)"})
+    base_model_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for that stage"})
+    image_diffusion_config: str = field(default="configs/joint_diffusion/toy_image_bench.yaml",
+                                        metadata={"help": "train.joint_diffusion profile (run with --mode image)"})
+    image_diffusion_args: list[str] = field(
+        default_factory=lambda: ["--lr_warmup_steps", "200", "--checkpointing_steps", "500", "--logging_steps", "50"],
+        metadata={"help": "extra flags for that stage"})
+    max_train_steps: int = field(default=8000, metadata={
+        "help": "UNet steps (the cosine rate spans them); rerun with more to train longer"})
+
+
+def run_stage(run: RunDir, name: str, module: str, args: list[str], folder: Path) -> None:
+    """``python -m module args`` with this interpreter; a failure stops here naming its log."""
+    run.log(f"stage {name}: python -m {module} {' '.join(args)}")
+    proc = subprocess.Popen([sys.executable, "-m", module, *args])
+    try:
+        code = proc.wait()
+    finally:  # stopped (SIGTERM / Ctrl-C): stop the stage too, it would run on orphaned
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    if code != 0:
+        die(f"stage {name} failed (exit {code}); see {folder / 'log.txt'}")
+
+
+def sha256_lines(folder: Path) -> str:
+    """``<sha256>  <relative path>`` for every weights file under ``folder`` (sha256sum format)."""
+    lines = []
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines.append(f"{digest}  {path.relative_to(folder).as_posix()}")
+    return "\n".join(lines) + "\n"
+
+
+def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
+    """``model/``: the trained pipeline plus what documents it (configs, curves, samples, hashes)."""
+    base_init, unet_run, model = out / "base_init", out / "image_diffusion", out / "model"
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(unet_run / "pipeline", model)
+    configs = {"command": " ".join(["python -m train.toy_web_base", *argv]),
+               "toy_web_base": config_to_dict(cfg),
+               "base_model": yaml.safe_load((base_init / "config.yaml").read_text()),
+               "image_diffusion": yaml.safe_load((unet_run / "config.yaml").read_text())}
+    atomic_write_text(model / "config.yaml", yaml.safe_dump(configs, sort_keys=False))
+    shutil.copy(unet_run / "metrics.jsonl", model / "metrics.jsonl")
+    shutil.copy(base_init / "metrics.jsonl", model / "vae_metrics.jsonl")
+    plot_curves(model / "metrics.jsonl", model / "training_curve.png", keys=("loss",), smooth=5,
+                title="toy web base: image-only UNet loss")
+    grids = sorted((unet_run / "validation").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    if grids:
+        shutil.copy(grids[-1], model / "samples.png")
+    atomic_write_text(model / "sha256.txt", sha256_lines(model))
+    return model
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(ToyWebBaseConfig, argv, description=__doc__)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so run_stage's cleanup runs on `kill`
+    out = Path(cfg.output_dir)
+    run = RunDir(out)
+    run.save_config(cfg)
+    corpus = Path(cfg.corpus_dir or out / "corpus")
+    try:
+        report = write_web_corpus(corpus, cfg.resolution, cfg.num_images, cfg.seed, cfg.max_objects)
+    except ValueError as e:
+        die(str(e))
+    run.log(f"web corpus {corpus}: {report['written']} pictures written, {report['skipped']} kept")
+    vocabulary = corpus / "vocabulary.txt"
+    atomic_write_text(vocabulary, "\n".join(vocabulary_captions()) + "\n")
+    common = ["--dataset", "toy_web", "--data_root", str(corpus), "--resolution", str(cfg.resolution),
+              "--seed", str(cfg.seed)]
+
+    base_init = out / "base_init"
+    if (base_init / "model_index.json").exists():
+        run.log(f"reusing the VAE and text parts in {base_init}")
+    else:
+        if base_init.exists():  # a stage cut short: its folder holds no model yet, start it again
+            shutil.rmtree(base_init)
+        run_stage(run, "base_model", "train.toy_base_model",
+                  ["--config", cfg.base_model_config, *common, "--vocabulary_file", str(vocabulary),
+                   "--output_dir", str(base_init), *cfg.base_model_args], base_init)
+
+    unet_run = out / "image_diffusion"
+    run_stage(run, "image_diffusion", "train.joint_diffusion",
+              ["--config", cfg.image_diffusion_config, "--mode", "image", *common, "--pretrained_model",
+               str(base_init), "--output_dir", str(unet_run), "--resume_from_checkpoint", "latest",
+               *cfg.image_diffusion_args, "--max_train_steps", str(cfg.max_train_steps)], unet_run)
+
+    model = export_model(cfg, list(sys.argv[1:] if argv is None else argv), out)
+    size = sum(p.stat().st_size for p in model.rglob("*.safetensors"))
+    run.log(f"wrote the base model to {model} ({size / 2**20:.1f} MiB of weights; load it with "
+            f"StableDiffusionPipeline.from_pretrained); copy it to assets/toy_base/ to ship it")
+    run.close()
+
+
+if __name__ == "__main__":
+    main()
