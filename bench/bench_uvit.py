@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from bench.bench_generation import time_call
 from models.joint_unet import widen_unet_for_labels
 from models.joint_uvit import PAPER_UVIT_CONFIG, JoDiffusionUViT
 from models.label_vae import LabelVAE
@@ -56,15 +56,7 @@ class BenchUViTConfig:
 
 def timed(fn, repeats: int, device) -> dict:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [time_call(fn, device) for _ in range(repeats)]
     return {"best_s": round(min(times), 4), "median_s": round(statistics.median(times), 4)}
 
 

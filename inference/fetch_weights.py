@@ -19,7 +19,7 @@ from pathlib import Path
 from dataset import DATASET_NAMES, get_dataset_info
 from models.pipelines import check_pipeline
 from utils.config import die, parse_config
-from utils.weights import convert_folder
+from utils.weights import convert_folder, download_snapshot
 
 
 @dataclass
@@ -41,13 +41,10 @@ def local_source(cfg: FetchConfig) -> Path:
     if not path.exists():
         if path.is_absolute() or cfg.source.startswith(".") or cfg.source.count("/") != 1:
             die(f"--source {cfg.source}: no such folder, and not a hub id (org/name)")
-        from huggingface_hub import snapshot_download
-
         try:
-            path = Path(snapshot_download(cfg.source, revision=cfg.revision,
-                                          allow_patterns=[f"{cfg.subfolder}/*"] if cfg.subfolder else None))
-        except Exception as e:  # noqa: BLE001 -- offline, unknown repo, no access: one line either way
-            die(f"--source {cfg.source}: download failed ({' '.join(str(e).split())[:300]})")
+            path = download_snapshot(cfg.source, cfg.revision, [f"{cfg.subfolder}/*"] if cfg.subfolder else None)
+        except ValueError as e:
+            die(f"--source {e}")
     path = path / cfg.subfolder if cfg.subfolder else path
     if not path.is_dir():
         die(f"{path}: not a folder")

@@ -22,6 +22,7 @@ import torch
 from models.pipelines import load_pipeline
 from models.uvit_init import FOREIGN_WEIGHTS, UNIDIFFUSER_COMPONENTS, write_uvit_pipeline_folder
 from utils.config import die, error_line, parse_config
+from utils.weights import download_snapshot
 
 
 @dataclass
@@ -44,14 +45,11 @@ def local_unidiffuser(cfg: UViTInitConfig) -> Path:
         return path
     if path.is_absolute() or cfg.unidiffuser.startswith(".") or cfg.unidiffuser.count("/") != 1:
         die(f"--unidiffuser {cfg.unidiffuser}: no such folder, and not a hub id (org/name)")
-    from huggingface_hub import snapshot_download  # only for a hub id
-
     patterns = ["model_index.json", *(f"{name}/*" for name in UNIDIFFUSER_COMPONENTS)]
     try:
-        return Path(snapshot_download(cfg.unidiffuser, revision=cfg.revision, allow_patterns=patterns,
-                                      ignore_patterns=list(FOREIGN_WEIGHTS)))
-    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, no access: one line either way
-        die(f"--unidiffuser {cfg.unidiffuser}: download failed ({' '.join(str(e).split())[:300]})")
+        return download_snapshot(cfg.unidiffuser, cfg.revision, patterns, list(FOREIGN_WEIGHTS))
+    except ValueError as e:
+        die(f"--unidiffuser {e}")
 
 
 def main(argv=None) -> Path:

@@ -90,6 +90,13 @@ class ChannelLayerNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _reconstruct(model, x: torch.Tensor, sample_posterior: bool, generator) -> torch.Tensor:
+    """Encode, take a posterior sample (or its mode), decode to logits: both lightweight VAEs' forward."""
+    posterior = model.encode(x).latent_dist
+    z = posterior.sample(generator) if sample_posterior else posterior.mode()
+    return model.decode(z).sample
+
+
 class LabelVAE(ModelMixin, ConfigMixin):
     """The authors' lightweight label VAE (METHOD.md §2); defaults are the paper's widths.
 
@@ -156,9 +163,7 @@ class LabelVAE(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Bit-encoded masks -> K + 1 logits (training path)."""
-        posterior = self.encode(x).latent_dist
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z).sample
+        return _reconstruct(self, x, sample_posterior, generator)
 
 
 class LabelAutoencoderKL(AutoencoderKL):
@@ -398,9 +403,7 @@ class AuthorsLabelVAE(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Their bit input -> their out_channels logits (as ``LabelVAE.forward``)."""
-        posterior = self.encode(x).latent_dist
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z).sample
+        return _reconstruct(self, x, sample_posterior, generator)
 
 
 def _is_authors_config(config: dict) -> bool:

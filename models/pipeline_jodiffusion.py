@@ -110,6 +110,15 @@ def make_scheduler(name: str = "dpmsolver++", config=None):
     return cls.from_config(config, **extra)
 
 
+def check_latent_factors(vae, label_vae) -> None:
+    """ValueError unless the image VAE and the label VAE downsample by the same factor."""
+    image_factor = vae_scale_factor(vae)
+    label_factor = getattr(label_vae, "downsample_factor", image_factor)
+    if label_factor != image_factor:
+        raise ValueError(f"the image VAE downsamples by {image_factor} but the label VAE by "
+                         f"{label_factor}: their latents would not line up")
+
+
 def vae_scale_factor(vae) -> int:
     """How much an SD-layout autoencoder downsamples: 2 per stage after the first (SD: 8)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -157,10 +166,7 @@ class JoDiffusionPipeline(DiffusionPipeline):
                 f"the UNet takes {self.unet.config.in_channels} and predicts {self.unet.config.out_channels} "
                 f"channels, but the joint latent has {want} (image {self.image_latent_channels} + label "
                 f"{self.label_latent_channels}); widen it with models.joint_unet.widen_unet_for_labels")
-        label_factor = getattr(self.label_vae, "downsample_factor", self.vae_scale_factor)
-        if label_factor != self.vae_scale_factor:
-            raise ValueError(f"the image VAE downsamples by {self.vae_scale_factor} but the label VAE by "
-                             f"{label_factor}: their latents would not line up")
+        check_latent_factors(self.vae, self.label_vae)
 
     # -- text --------------------------------------------------------------------------------
     @torch.no_grad()

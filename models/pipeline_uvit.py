@@ -30,7 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from models.joint_uvit import JoDiffusionUViT
 from models.label_vae import check_label_vae_dataset, load_label_vae, read_label_vae_num_labels
-from models.pipeline_jodiffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS, make_scheduler, pairs_output, vae_scale_factor
+from models.pipeline_jodiffusion import (DEFAULT_GUIDANCE, DEFAULT_STEPS, check_latent_factors, make_scheduler,
+                                         pairs_output, vae_scale_factor)
 from utils.io import check_pipeline_folder
 from utils.training import first_line
 
@@ -67,10 +68,7 @@ class JoDiffusionUViTPipeline(DiffusionPipeline):
         for name, vae in (("image VAE", self.image_vae), ("label VAE", self.label_vae)):
             if vae.config.latent_channels != cfg.in_channels:
                 raise ValueError(f"the {name} has {vae.config.latent_channels} latent channels, the U-ViT {cfg.in_channels}")
-        label_factor = getattr(self.label_vae, "downsample_factor", self.vae_scale_factor)
-        if label_factor != self.vae_scale_factor:
-            raise ValueError(f"the image VAE downsamples by {self.vae_scale_factor} but the label VAE by "
-                             f"{label_factor}: their latents would not line up")
+        check_latent_factors(self.image_vae, self.label_vae)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device) -> torch.Tensor:

@@ -25,7 +25,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import Uni
 from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuserModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from utils.io import check_pipeline_folder
+from utils.io import check_pipeline_folder, read_json_object
 
 # toy SD base folder -> UniDiffuser folder, copied as is
 COPIED_FROM_SD_BASE = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "clip_tokenizer",
@@ -73,20 +73,10 @@ def unidiffuser_config(spec: ToyUniDiffuserSpec, sample_size: int, in_channels: 
                 use_data_type_embedding=True)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: missing or unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
-
-
 def _base_sizes(sd_base: Path) -> dict:
     """Latent side and channels, text tokens and width, image side of the SD base."""
-    vae, text = _read_json(sd_base / "vae" / "config.json"), _read_json(sd_base / "text_encoder" / "config.json")
-    unet = _read_json(sd_base / "unet" / "config.json")
+    vae, text = read_json_object(sd_base / "vae" / "config.json"), read_json_object(sd_base / "text_encoder" / "config.json")
+    unet = read_json_object(sd_base / "unet" / "config.json")
     try:
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
         sizes = dict(sample_size=int(unet["sample_size"]), in_channels=int(vae["latent_channels"]),
@@ -135,7 +125,7 @@ def write_toy_unidiffuser_folder(sd_base: str | Path, output_dir: str | Path, sp
     check_pipeline_folder(sd_base, [*COPIED_FROM_SD_BASE, "unet"])
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "model_index.json").is_file())):
         raise ValueError(f"{output}: exists and is not a pipeline folder; refusing to replace it")
-    scheduler = _read_json(sd_base / "scheduler" / "scheduler_config.json")
+    scheduler = read_json_object(sd_base / "scheduler" / "scheduler_config.json")
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"{sd_base / 'scheduler'}: prediction_type {scheduler['prediction_type']!r}; "
                          "UniDiffuser's objective predicts the noise (epsilon)")

@@ -28,7 +28,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuser
 
 from models.joint_uvit import PAPER_UVIT_CONFIG, JoDiffusionUViT, num_patches
 from models.label_vae import load_label_vae
-from utils.io import check_pipeline_folder
+from utils.io import check_pipeline_folder, read_json_object
 from utils.weights import convert_folder
 
 # The settings that make a UniDiffuser U-ViT the authors' layout; sizes (widths, depth, number of
@@ -145,22 +145,12 @@ def uvit_from_unidiffuser(unidiffuser_unet, text_decoder) -> JoDiffusionUViT:
     return model.eval()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: missing or unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
-
-
 def _check_label_vae(label_vae, label_folder: Path, source: Path, in_channels: int) -> None:
     """The label latent must have the U-ViT's channels and the image latent's size."""
     if label_vae.config.latent_channels != in_channels:
         raise ValueError(f"{label_folder}: the label VAE has {label_vae.config.latent_channels} latent channels "
                          f"but the U-ViT in {source / 'unet'} takes {in_channels}")
-    vae_blocks = _read_json(source / "vae" / "config.json").get("block_out_channels")
+    vae_blocks = read_json_object(source / "vae" / "config.json").get("block_out_channels")
     if not isinstance(vae_blocks, list) or not vae_blocks:
         raise ValueError(f"{source / 'vae' / 'config.json'}: no 'block_out_channels' list")
     image_factor = 2 ** (len(vae_blocks) - 1)
@@ -190,7 +180,7 @@ def _copy_component(src: Path, dst: Path) -> None:
 
 def _model_index(source: Path, label_vae) -> dict:
     """model_index.json: the copied parts keep UniDiffuser's classes; unet and label_vae are ours."""
-    theirs = _read_json(source / "model_index.json")
+    theirs = read_json_object(source / "model_index.json")
     index = {"_class_name": "JoDiffusionUViTPipeline", "_diffusers_version": diffusers.__version__}
     for name, ours in COPIED_COMPONENTS.items():
         entry = theirs.get(name)
@@ -222,11 +212,11 @@ def write_uvit_pipeline_folder(unidiffuser_folder: str | Path, label_vae_folder:
     source, output = Path(unidiffuser_folder), Path(output_dir)
     check_pipeline_folder(source, UNIDIFFUSER_COMPONENTS)
     _check_output_dir(output)
-    text_dim = _read_json(source / "text_encoder" / "config.json").get("hidden_size")
+    text_dim = read_json_object(source / "text_encoder" / "config.json").get("hidden_size")
     if not isinstance(text_dim, int):
         raise ValueError(f"{source / 'text_encoder' / 'config.json'}: no integer 'hidden_size'")
     unet_config = source / "unet" / "config.json"  # checked before its 0.95B parameters are loaded
-    config = uvit_config_from_unidiffuser(_read_json(unet_config), text_dim, where=str(unet_config))
+    config = uvit_config_from_unidiffuser(read_json_object(unet_config), text_dim, where=str(unet_config))
     label_folder = _label_vae_folder(Path(label_vae_folder))
     try:
         label_vae = load_label_vae(label_folder)

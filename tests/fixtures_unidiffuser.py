@@ -22,6 +22,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuser
 from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
+from models.toy_unidiffuser import MODEL_INDEX as TOY_MODEL_INDEX
 from models.tiny_kit import build_tokenizer
 
 WORDS = ["a", "photo", "of", "circle", "square", "triangle", "star", "ring", "and", "on", "background"]
@@ -36,17 +37,7 @@ TINY_UNIDIFFUSER_CONFIG = dict(
     norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False, use_timestep_embedding=False,
     norm_elementwise_affine=True, use_patch_pos_embed=False, ff_final_dropout=True, use_data_type_embedding=True,
 )
-MODEL_INDEX = {
-    "_class_name": "UniDiffuserPipeline",
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-    "clip_image_processor": ["transformers", "CLIPImageProcessor"],
-    "clip_tokenizer": ["transformers", "CLIPTokenizer"],
-    "text_decoder": ["unidiffuser", "UniDiffuserTextDecoder"],
-    "unet": ["unidiffuser", "UniDiffuserModel"],
-    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-}
+MODEL_INDEX = dict(TOY_MODEL_INDEX)  # the component names and classes diffusers' UniDiffuserPipeline saves
 
 
 def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:

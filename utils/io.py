@@ -51,6 +51,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding an object; ValueError("<path>: ...") when it is missing, unreadable or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: missing or unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
 def save_pretrained_atomic(obj: Any, folder: str | Path) -> Path:
     """``obj.save_pretrained`` (safetensors) into a temporary sibling renamed to ``folder`` once
     complete, replacing an older export: an interrupted save never leaves a folder that looks done."""

@@ -82,3 +82,15 @@ def convert_folder(src: str | Path, dst: str | Path) -> list[Path]:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return converted
+
+
+def download_snapshot(repo_id: str, revision: str | None = None, allow_patterns=None, ignore_patterns=None) -> Path:
+    """A hub repository's snapshot (huggingface_hub's cache; ``HF_TOKEN`` from the environment);
+    ValueError("<repo>: download failed (...)") in one line when offline, unknown or refused."""
+    from huggingface_hub import snapshot_download  # only for hub ids
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns,
+                                      ignore_patterns=ignore_patterns))
+    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, no access: one line either way
+        raise ValueError(f"{repo_id}: download failed ({' '.join(str(e).split())[:300]})") from None
