@@ -187,6 +187,9 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
             pre_layer_norm=pre_layer_norm, norm_elementwise_affine=norm_elementwise_affine,
             use_patch_pos_embed=use_patch_pos_embed, ff_final_dropout=ff_final_dropout,
         )
+        # the body's own patch embedding is in every checkpoint but never called (tokens come in
+        # embedded): frozen, or multi-GPU training (DDP) stops on parameters that get no gradient
+        self.transformer.pos_embed.requires_grad_(False)
 
         # 3. Output heads.
         patch_dim = patch_size * patch_size * out_channels

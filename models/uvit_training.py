@@ -80,7 +80,7 @@ def uvit_joint_loss(unet, noise_scheduler, text: torch.Tensor, image: torch.Tens
     """The authors' objective on one micro-batch. Returns (loss, {part: mse}) with parts
     ``UVIT_LOSS_PARTS``; draws t_img, t_text, then the four noises from ``gen``."""
     t_img, t_text, noise, noisy = noised_parts(noise_scheduler, dict(text=text, image=image, clip=clip, label=label),
-                                               gen, unet.dtype)
+                                               gen, next(unet.parameters()).dtype)  # unet may be DDP-wrapped
     outs = unet(noisy["text"], noisy["image"], noisy["clip"], noisy["label"], t_img, t_text, data_type=1)
     return flat_mse(dict(zip(("text", "image", "clip", "label"), outs)), noise, UVIT_LOSS_PARTS, part_weights)
 
@@ -154,7 +154,7 @@ def unidiffuser_loss(unet, noise_scheduler, text: torch.Tensor, image: torch.Ten
     image latent and CLIP image embedding at one shared t_img, epsilon-prediction, one MSE over
     the flat [text | image | clip]. Returns (loss, {part: mse}) with parts ``UNIDIFFUSER_LOSS_PARTS``."""
     t_img, t_text, noise, noisy = noised_parts(noise_scheduler, dict(text=text, image=image, clip=clip), gen,
-                                               unet.dtype)
+                                               next(unet.parameters()).dtype)
     image_out, clip_out, text_out = unet(noisy["image"], noisy["clip"], noisy["text"], t_img, t_text, data_type=1)
     return flat_mse(dict(text=text_out, image=image_out, clip=clip_out), noise, UNIDIFFUSER_LOSS_PARTS, part_weights)
 
@@ -196,6 +196,7 @@ def load_unidiffuser_training_components(source: str, label_vae_path: str | None
         raise ValueError(f"{folder / 'scheduler'}: prediction_type {noise_scheduler.config.prediction_type!r}; "
                          "UniDiffuser's objective predicts the noise (epsilon)")
     models["text_decoder"].requires_grad_(False).eval()
+    unet.transformer.pos_embed.requires_grad_(False)  # never called (as in JoDiffusionUViT): DDP needs it frozen
     return models, unet, noise_scheduler
 
 

@@ -120,3 +120,38 @@ def test_image_mode_is_refused_for_the_uvit_with_one_line(world, capsys):
         joint_diffusion.main(args(world, world / "img", "--mode", "image", "--max_train_steps", "1"))
     err = capsys.readouterr().err
     assert "trains jointly only" in err and "Traceback" not in err
+
+
+def test_two_processes_train_the_uvit_and_resume_to_the_same_weights(world):
+    """``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m train.joint_diffusion`` on a U-ViT folder:
+    the effective batch counts both processes, only the main one writes, and a run stopped after its
+    step-2 checkpoint ends with the weights of the one that was not."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def torchrun(out, *extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+        env.update(ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        argv = args(world, out, "--train_batch_size", "4", "--learning_rate", "1e-3", "--max_train_steps", "4",
+                    "--checkpointing_steps", "2", "--cache_latents", "--cache_dir", str(world / "mp_cache"),
+                    "--num_validation_images", "0", "--gradient_checkpointing", "false", *extra)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "train.joint_diffusion", *argv], env=env, cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    whole, stopped = world / "mp_whole", world / "mp_stopped"
+    torchrun(whole)
+    log = (whole / "log.txt").read_text()
+    assert "steps of 4 x 2 x 1 = 8" in log and log.count("exported the pipeline") == 1
+    assert [r["step"] for r in read_jsonl(whole / "metrics.jsonl")] == [1, 2, 3, 4]
+    stopped.mkdir()
+    shutil.copytree(whole / "checkpoint-2", stopped / "checkpoint-2")
+    torchrun(stopped, "--resume_from_checkpoint", "latest")
+    for sub in ("pipeline/unet", "checkpoint-4/unet"):
+        a = load_file(whole / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(stopped / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
