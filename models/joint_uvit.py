@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import safetensors
 import torch
@@ -134,70 +135,76 @@ class JoDiffusionUViT(ModelMixin, ConfigMixin):
         inner_text_dim: int = 64,
     ):
         super().__init__()
+        c = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        c.out_channels = in_channels if out_channels is None else out_channels
         self.gradient_checkpointing = False
-        if out_channels is None:
-            out_channels = in_channels
-        self.inner_dim = inner = num_attention_heads * attention_head_dim
-        self.patch_size = patch_size
-        self.out_channels = out_channels
+        self.inner_dim = num_attention_heads * attention_head_dim
+        self.patch_size, self.out_channels = patch_size, c.out_channels
         self.num_patches = num_patches(dict(sample_size=sample_size, patch_size=patch_size))
         self.num_tokens = num_tokens(dict(sample_size=sample_size, patch_size=patch_size,
                                           num_text_tokens=num_text_tokens,
                                           use_data_type_embedding=use_data_type_embedding))
         self.use_data_type_embedding = use_data_type_embedding
+        self._build_inputs(c)
+        self._build_body(c)
+        self._build_heads(c)
 
-        # 1. Inputs: one token stream per modality.
-        self.pre_text = nn.Linear(text_dim, inner_text_dim)
-        self.text_in = nn.Linear(inner_text_dim, inner)
+    def _build_inputs(self, c) -> None:
+        """1. One token stream per modality, the timestep tokens, the position rows."""
+        inner = self.inner_dim
+        self.pre_text = nn.Linear(c.text_dim, c.inner_text_dim)
+        self.text_in = nn.Linear(c.inner_text_dim, inner)
 
         def patch_embed():
-            return PatchEmbed(height=sample_size, width=sample_size, patch_size=patch_size,
-                              in_channels=in_channels, embed_dim=inner, use_pos_embed=use_patch_pos_embed)
+            return PatchEmbed(height=c.sample_size, width=c.sample_size, patch_size=c.patch_size,
+                              in_channels=c.in_channels, embed_dim=inner, use_pos_embed=c.use_patch_pos_embed)
 
         self.vae_img_in = patch_embed()
-        self.clip_img_in = nn.Linear(clip_img_dim, inner)
+        self.clip_img_in = nn.Linear(c.clip_img_dim, inner)
         self.vae_label_in = patch_embed()
 
         self.timestep_img_proj = Timesteps(inner, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_img_embed = (TimestepEmbedding(inner, 4 * inner, out_dim=inner)
-                                   if use_timestep_embedding else nn.Identity())
+                                   if c.use_timestep_embedding else nn.Identity())
         self.timestep_text_proj = Timesteps(inner, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_text_embed = (TimestepEmbedding(inner, 4 * inner, out_dim=inner)
-                                    if use_timestep_embedding else nn.Identity())
+                                    if c.use_timestep_embedding else nn.Identity())
 
         # Every token but the data-type one has a row here; the data-type row is inserted at index 2.
-        n_pos = self.num_tokens - 1 if use_data_type_embedding else self.num_tokens
+        n_pos = self.num_tokens - 1 if c.use_data_type_embedding else self.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, inner))
-        self.pos_embed_drop = nn.Dropout(p=dropout)
+        self.pos_embed_drop = nn.Dropout(p=c.dropout)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)  # as UniDiffuser
-        if use_data_type_embedding:
+        if c.use_data_type_embedding:
             self.data_type_token_embedding = nn.Embedding(2, inner)
             self.data_type_pos_embed_token = nn.Parameter(torch.zeros(1, 1, inner))
 
-        # 2. The U-ViT body, built exactly as UniDiffuserModel builds it (its own PatchEmbed
-        # `transformer.pos_embed` is never called but is in every checkpoint).
+    def _build_body(self, c) -> None:
+        """2. The U-ViT body, built exactly as UniDiffuserModel builds it."""
         self.transformer = UTransformer2DModel(
-            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
-            norm_num_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
-            attention_bias=attention_bias, sample_size=sample_size, num_vector_embeds=num_vector_embeds,
-            patch_size=patch_size, activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm,
-            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
-            upcast_attention=upcast_attention, norm_type=norm_type, block_type=block_type,
-            pre_layer_norm=pre_layer_norm, norm_elementwise_affine=norm_elementwise_affine,
-            use_patch_pos_embed=use_patch_pos_embed, ff_final_dropout=ff_final_dropout,
+            num_attention_heads=c.num_attention_heads, attention_head_dim=c.attention_head_dim,
+            in_channels=c.in_channels, out_channels=c.out_channels, num_layers=c.num_layers, dropout=c.dropout,
+            norm_num_groups=c.norm_num_groups, cross_attention_dim=c.cross_attention_dim,
+            attention_bias=c.attention_bias, sample_size=c.sample_size, num_vector_embeds=c.num_vector_embeds,
+            patch_size=c.patch_size, activation_fn=c.activation_fn, num_embeds_ada_norm=c.num_embeds_ada_norm,
+            use_linear_projection=c.use_linear_projection, only_cross_attention=c.only_cross_attention,
+            upcast_attention=c.upcast_attention, norm_type=c.norm_type, block_type=c.block_type,
+            pre_layer_norm=c.pre_layer_norm, norm_elementwise_affine=c.norm_elementwise_affine,
+            use_patch_pos_embed=c.use_patch_pos_embed, ff_final_dropout=c.ff_final_dropout,
         )
-        # the body's own patch embedding is in every checkpoint but never called (tokens come in
-        # embedded): frozen, or multi-GPU training (DDP) stops on parameters that get no gradient
+        # the body's own patch embedding (`transformer.pos_embed`) is in every checkpoint but never
+        # called (tokens come in embedded): frozen, or multi-GPU training (DDP) stops on parameters
+        # that get no gradient
         self.transformer.pos_embed.requires_grad_(False)
 
-        # 3. Output heads.
-        patch_dim = patch_size * patch_size * out_channels
-        self.text_out = nn.Linear(inner, inner_text_dim)
-        self.post_text = nn.Linear(inner_text_dim, text_dim)
-        self.vae_img_out = nn.Linear(inner, patch_dim)
-        self.clip_img_out = nn.Linear(inner, clip_img_dim)
-        self.label_out = nn.Linear(inner, patch_dim)
+    def _build_heads(self, c) -> None:
+        """3. Output heads, one per modality."""
+        patch_dim = c.patch_size * c.patch_size * c.out_channels
+        self.text_out = nn.Linear(self.inner_dim, c.inner_text_dim)
+        self.post_text = nn.Linear(c.inner_text_dim, c.text_dim)
+        self.vae_img_out = nn.Linear(self.inner_dim, patch_dim)
+        self.clip_img_out = nn.Linear(self.inner_dim, c.clip_img_dim)
+        self.label_out = nn.Linear(self.inner_dim, patch_dim)
 
     def _check_inputs(self, prompt_embeds, image_latents, image_embeds, label_latents):
         c = self.config
