@@ -43,49 +43,13 @@ class BenchLabelVAEConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_config(BenchLabelVAEConfig, argv, description=__doc__)
-    from dataset import get_dataset_info
-    from dataset.segmentation import DatasetError, SegmentationDataset
-    from models.label_vae import decode_latents_to_masks, encode_masks, load_label_vae
-    from utils.metrics import IoUAccumulator
-
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    try:
-        vae = load_label_vae(cfg.model).to(cfg.device).eval()
-    except (FileNotFoundError, ValueError) as e:
-        die(str(e))
-    info = get_dataset_info(cfg.dataset, cfg.data_root)
-    size = cfg.resolution or info.default_size
-    try:
-        ds = SegmentationDataset(info, cfg.split, size=size)
-    except DatasetError as e:
-        die(str(e))
-    n = min(len(ds), cfg.max_samples) if cfg.max_samples else len(ds)
-    masks = torch.stack([ds[i]["mask"] for i in range(n)])
-    if vae.config.num_labels != info.num_labels:
-        die(f"{cfg.model}: model decodes {vae.config.num_labels} labels, dataset {info.name} has {info.num_labels}")
-
-    acc, low_conf = IoUAccumulator(info.num_labels, info.ignore_index), 0
+    vae, info, size, masks = load_model_and_masks(cfg)
     with torch.no_grad():
-        for s in range(0, n, cfg.batch_size):
-            batch = masks[s : s + cfg.batch_size]
-            recon, _ = decode_latents_to_masks(vae, encode_masks(vae, batch), ignore_index=info.ignore_index)
-            recon = recon.cpu()
-            acc.update(recon.numpy(), batch.numpy())
-            low_conf += int(((recon == info.ignore_index) & (batch != info.ignore_index)).sum())
-        res = acc.result()
-
+        res, low_conf = score_reconstruction(vae, masks, cfg.batch_size, info.ignore_index, info.num_labels)
         batch = masks[: cfg.batch_size]
-        decode_latents_to_masks(vae, encode_masks(vae, batch))  # warm-up
-        times = []
-        for _ in range(cfg.repeats):
-            if cfg.device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decode_latents_to_masks(vae, encode_masks(vae, batch))
-            if cfg.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = time_encode_decode(vae, batch, cfg.repeats, cfg.device)
 
     result = {
         "model": str(cfg.model),
@@ -95,7 +59,7 @@ def main(argv=None) -> dict:
         "dataset": info.name,
         "split": cfg.split,
         "resolution": size,
-        "num_masks": n,
+        "num_masks": len(masks),
         "reconstruction_mIoU": res["mIoU"],
         "reconstruction_pixel_acc": res["pixel_acc"],
         "per_class_IoU": dict(zip(info.classes, res["per_class_IoU"])),
@@ -113,6 +77,63 @@ def main(argv=None) -> dict:
     atomic_write_json(cfg.output, result)
     print(json.dumps(result, indent=2))
     return result
+
+
+def load_model_and_masks(cfg: BenchLabelVAEConfig):
+    """(label VAE on ``cfg.device``, dataset info, mask size, the split's masks stacked); a bad model
+    or dataset, or a label count that does not match, stops with a message."""
+    from dataset import get_dataset_info
+    from dataset.segmentation import DatasetError, SegmentationDataset
+    from models.label_vae import load_label_vae
+
+    try:
+        vae = load_label_vae(cfg.model).to(cfg.device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    info = get_dataset_info(cfg.dataset, cfg.data_root)
+    size = cfg.resolution or info.default_size
+    try:
+        ds = SegmentationDataset(info, cfg.split, size=size)
+    except DatasetError as e:
+        die(str(e))
+    n = min(len(ds), cfg.max_samples) if cfg.max_samples else len(ds)
+    masks = torch.stack([ds[i]["mask"] for i in range(n)])
+    if vae.config.num_labels != info.num_labels:
+        die(f"{cfg.model}: model decodes {vae.config.num_labels} labels, dataset {info.name} has {info.num_labels}")
+    return vae, info, size, masks
+
+
+def score_reconstruction(vae, masks: torch.Tensor, batch_size: int, ignore_index: int, num_labels: int):
+    """Encode, decode and argmax every mask (0.5 confidence rule); returns (IoU result, pixels a
+    low confidence turned into ``ignore_index``)."""
+    from models.label_vae import decode_latents_to_masks, encode_masks
+    from utils.metrics import IoUAccumulator
+
+    acc, low_conf = IoUAccumulator(num_labels, ignore_index), 0
+    for s in range(0, len(masks), batch_size):
+        batch = masks[s : s + batch_size]
+        recon, _ = decode_latents_to_masks(vae, encode_masks(vae, batch), ignore_index=ignore_index)
+        recon = recon.cpu()
+        acc.update(recon.numpy(), batch.numpy())
+        low_conf += int(((recon == ignore_index) & (batch != ignore_index)).sum())
+    return acc.result(), low_conf
+
+
+def time_encode_decode(vae, batch: torch.Tensor, repeats: int, device: str) -> list[float]:
+    """Seconds of each of ``repeats`` encode + decode passes over ``batch``, after one warm-up pass."""
+    from models.label_vae import decode_latents_to_masks, encode_masks
+
+    decode_latents_to_masks(vae, encode_masks(vae, batch))  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        decode_latents_to_masks(vae, encode_masks(vae, batch))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 if __name__ == "__main__":

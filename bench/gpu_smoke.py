@@ -375,6 +375,39 @@ def main(argv=None) -> None:
     if cfg.dry_run:
         dry_run(cfg)
         return
+    plan = plan_run(cfg)
+    out = fresh_out_dir(cfg.out)
+    stages = Stages(out, cfg.device)
+    result = new_result(cfg, plan, out)
+    failures: list[str] = result["failures"]
+    t_start = time.perf_counter()
+    try:
+        run_stages(cfg, plan, out, stages, result)
+    except SmokeFailure as e:
+        failures.append(str(e))
+    except Exception as e:  # anything unforeseen (CUDA out of memory, ...): still save what was measured
+        traceback.print_exc()
+        failures.append(f"{type(e).__name__}: {e}")
+    finish(result, stages.wall, t_start, plan.results_path)
+
+
+@dataclass
+class SmokePlan:
+    """The run's settings once each option left unset has taken its mode's default (real or ``--tiny``)."""
+
+    precision: str
+    train_steps: int
+    resume_steps: int
+    workers: int
+    gen_pairs: int
+    gen_steps: int
+    spec: TinySDSpec
+    resolution: int
+    results_path: Path
+
+
+def plan_run(cfg: GpuSmokeConfig) -> SmokePlan:
+    """Refuse what cannot run here (with a message), then fill in the mode's defaults."""
     if cfg.device not in ("cuda", "cpu"):
         die(f"--device must be cuda or cpu, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -398,72 +431,97 @@ def main(argv=None) -> None:
     resolution = spec.sample_size * 2 ** (len(spec.vae_channels) - 1)
     results_path = Path(cfg.results) if cfg.results else (
         Path(cfg.out) / "gpu_smoke.json" if cfg.tiny else REPO / "bench" / "results" / "gpu_smoke.json")
+    return SmokePlan(precision, train_steps, resume_steps, workers, gen_pairs, gen_steps, spec, resolution,
+                     results_path)
 
-    out = Path(cfg.out).resolve()
+
+def fresh_out_dir(out_arg: str) -> Path:
+    """``--out``, resolved and created, without this script's run folders from an earlier run."""
+    out = Path(out_arg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in RUN_FOLDERS:  # only this script's own run folders; the toy dataset is reused
         if (out / name).exists():
             shutil.rmtree(out / name)
-    toy, joint, gen = out / f"toy{resolution}", out / "joint", out / "gen"
-    device = torch.device(cfg.device)
-    stages = Stages(out, cfg.device)
+    return out
+
+
+def new_result(cfg: GpuSmokeConfig, plan: SmokePlan, out: Path) -> dict:
+    """The results record before any stage ran: mode, host, versions, settings (not passed yet)."""
     import accelerate
     import diffusers
     import transformers
 
-    result = dict(mode="tiny" if cfg.tiny else "sd15", passed=False, failures=[], device=cfg.device,
-                  host=dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                            cuda=torch.version.cuda, diffusers=diffusers.__version__,
-                            transformers=transformers.__version__, accelerate=accelerate.__version__),
-                  settings=dict(config_to_dict(cfg), mixed_precision=precision, resolution=resolution,
-                                train_steps=train_steps, resume_steps=resume_steps, num_workers=workers,
-                                gen_pairs=gen_pairs, gen_steps=gen_steps),
-                  out=str(out))
-    failures: list[str] = result["failures"]
-    t_start = time.perf_counter()
-    try:
-        stages.run("toy_dataset", "utils.make_toy_dataset", "--out", toy, "--size", resolution,
-                   "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed,
-                   "--progress", "false", "--preview", 4)
-        result["params"] = stages.timed("build_base_model", write_base_model, toy, out, cfg.tiny, cfg.seed)
-        stages.run("widen", "inference.jodiffusion", "--base_model", out / "base_model",
-                   "--label_vae", out / "label_vae", "--output_dir", out / "init")
-        train_args = ["--dataset", "toy", "--data_root", toy, "--pretrained_model", out / "init", "--output_dir", joint,
-                      "--resolution", resolution, "--train_batch_size", cfg.batch_size,
-                      "--mixed_precision", precision, "--gradient_checkpointing", "true",
-                      "--use_8bit_adam", str(cfg.use_8bit_adam).lower(), "--learning_rate", cfg.learning_rate,
-                      "--num_validation_images", 0, "--logging_steps", 1, "--checkpointing_steps", train_steps,
-                      "--dataloader_num_workers", workers, "--seed", cfg.seed]
-        stages.run("train", "train.joint_diffusion", *train_args, "--max_train_steps", train_steps)
-        stages.run("train_resume", "train.joint_diffusion", *train_args,
-                   "--max_train_steps", train_steps + resume_steps, "--resume_from_checkpoint", "latest")
-        result["train"] = check_training(joint, train_steps, train_steps + resume_steps, failures)
-        if cfg.device == "cuda":
-            result["device"] = torch.cuda.get_device_name(device)
-        result["unet_step"] = stages.timed(
-            "unet_step", measure_unet_step, joint / "pipeline" / "unet", device, precision, cfg.batch_size,
-            spec.max_length, spec.latent_channels, cfg.learning_rate, cfg.timed_steps, cfg.seed)
-        if cfg.device == "cuda":
-            torch.cuda.empty_cache()  # give the generator the memory back
-        if not result["unet_step"]["losses_finite"]:
-            failures.append("the UNet step measured here gave a non-finite loss")
-        if not result["unet_step"]["optimizer_state_allocated"]:
-            failures.append("every UNet step measured here was skipped (inf gradients): its memory lacks AdamW's state")
-        stages.run("generate", "inference.generate", "--pipeline", joint / "pipeline", "--dataset", "toy",
-                   "--data_root", toy, "--output_dir", gen, "--num_pairs", gen_pairs,
-                   "--batch_size", cfg.gen_batch_size, "--num_inference_steps", gen_steps,
-                   "--mixed_precision", precision, "--confidence_threshold", 0, "--seed", cfg.seed,
-                   "--preview_count", min(4, gen_pairs))
-        from dataset.toy_semantic import INFO
+    return dict(mode="tiny" if cfg.tiny else "sd15", passed=False, failures=[], device=cfg.device,
+                host=dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                          cuda=torch.version.cuda, diffusers=diffusers.__version__,
+                          transformers=transformers.__version__, accelerate=accelerate.__version__),
+                settings=dict(config_to_dict(cfg), mixed_precision=plan.precision, resolution=plan.resolution,
+                              train_steps=plan.train_steps, resume_steps=plan.resume_steps, num_workers=plan.workers,
+                              gen_pairs=plan.gen_pairs, gen_steps=plan.gen_steps),
+                out=str(out))
 
-        result["generation"] = dict(check_generation(gen, gen_pairs, cfg.gen_batch_size, resolution, INFO.num_labels,
-                                                     failures), steps=gen_steps, batch_size=cfg.gen_batch_size)
-    except SmokeFailure as e:
-        failures.append(str(e))
-    except Exception as e:  # anything unforeseen (CUDA out of memory, ...): still save what was measured
-        traceback.print_exc()
-        failures.append(f"{type(e).__name__}: {e}")
-    result["stage_wall_s"] = {k: round(v, 2) for k, v in stages.wall.items()}
+
+def run_stages(cfg: GpuSmokeConfig, plan: SmokePlan, out: Path, stages: Stages, result: dict) -> None:
+    """The chain in order, each stage's figures and failed checks going into ``result``; a stage that
+    fails raises (``SmokeFailure``, or whatever went wrong)."""
+    toy, joint, gen = out / f"toy{plan.resolution}", out / "joint", out / "gen"
+    stages.run("toy_dataset", "utils.make_toy_dataset", "--out", toy, "--size", plan.resolution,
+               "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed,
+               "--progress", "false", "--preview", 4)
+    result["params"] = stages.timed("build_base_model", write_base_model, toy, out, cfg.tiny, cfg.seed)
+    stages.run("widen", "inference.jodiffusion", "--base_model", out / "base_model",
+               "--label_vae", out / "label_vae", "--output_dir", out / "init")
+    train_and_resume(cfg, plan, stages, toy, out / "init", joint)
+    result["train"] = check_training(joint, plan.train_steps, plan.train_steps + plan.resume_steps,
+                                     result["failures"])
+    time_unet_step(cfg, plan, stages, joint, result)
+    stages.run("generate", "inference.generate", "--pipeline", joint / "pipeline", "--dataset", "toy",
+               "--data_root", toy, "--output_dir", gen, "--num_pairs", plan.gen_pairs,
+               "--batch_size", cfg.gen_batch_size, "--num_inference_steps", plan.gen_steps,
+               "--mixed_precision", plan.precision, "--confidence_threshold", 0, "--seed", cfg.seed,
+               "--preview_count", min(4, plan.gen_pairs))
+    from dataset.toy_semantic import INFO
+
+    result["generation"] = dict(check_generation(gen, plan.gen_pairs, cfg.gen_batch_size, plan.resolution,
+                                                 INFO.num_labels, result["failures"]),
+                                steps=plan.gen_steps, batch_size=cfg.gen_batch_size)
+
+
+def train_and_resume(cfg: GpuSmokeConfig, plan: SmokePlan, stages: Stages, toy: Path, init: Path,
+                     joint: Path) -> None:
+    """Joint training checkpointed at its last step, then the same command resumed from it for more steps."""
+    train_args = ["--dataset", "toy", "--data_root", toy, "--pretrained_model", init, "--output_dir", joint,
+                  "--resolution", plan.resolution, "--train_batch_size", cfg.batch_size,
+                  "--mixed_precision", plan.precision, "--gradient_checkpointing", "true",
+                  "--use_8bit_adam", str(cfg.use_8bit_adam).lower(), "--learning_rate", cfg.learning_rate,
+                  "--num_validation_images", 0, "--logging_steps", 1, "--checkpointing_steps", plan.train_steps,
+                  "--dataloader_num_workers", plan.workers, "--seed", cfg.seed]
+    stages.run("train", "train.joint_diffusion", *train_args, "--max_train_steps", plan.train_steps)
+    stages.run("train_resume", "train.joint_diffusion", *train_args,
+               "--max_train_steps", plan.train_steps + plan.resume_steps, "--resume_from_checkpoint", "latest")
+
+
+def time_unet_step(cfg: GpuSmokeConfig, plan: SmokePlan, stages: Stages, joint: Path, result: dict) -> None:
+    """The trained UNet's training step, measured here (``result["unet_step"]``), and its checks."""
+    device = torch.device(cfg.device)
+    failures = result["failures"]
+    if cfg.device == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
+    result["unet_step"] = stages.timed(
+        "unet_step", measure_unet_step, joint / "pipeline" / "unet", device, plan.precision, cfg.batch_size,
+        plan.spec.max_length, plan.spec.latent_channels, cfg.learning_rate, cfg.timed_steps, cfg.seed)
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()  # give the generator the memory back
+    if not result["unet_step"]["losses_finite"]:
+        failures.append("the UNet step measured here gave a non-finite loss")
+    if not result["unet_step"]["optimizer_state_allocated"]:
+        failures.append("every UNet step measured here was skipped (inf gradients): its memory lacks AdamW's state")
+
+
+def finish(result: dict, wall: dict[str, float], t_start: float, results_path: Path) -> None:
+    """Save the record atomically, print the table, and exit 1 listing the failures if there are any."""
+    failures = result["failures"]
+    result["stage_wall_s"] = {k: round(v, 2) for k, v in wall.items()}
     result["total_wall_s"] = round(time.perf_counter() - t_start, 2)
     result["passed"] = not failures
     atomic_write_json(results_path, result)

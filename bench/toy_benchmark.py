@@ -170,8 +170,23 @@ def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
 def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
     ch = Chain(cfg, run)
     paths = chain_paths(cfg)
-    toy = paths["toy"]
+    _shared_stages(cfg, ch, paths)
+    if "unet" in cfg.backbones or cfg.diffumask:  # DiffuMask samples the image-pretrained UNet
+        _image_unet_stage(cfg, ch, paths)
+    if "unet" in cfg.backbones:
+        _unet_branch(cfg, ch, paths)
+    if cfg.diffumask:
+        _diffumask_stage(cfg, ch, paths)
+    if "uvit" in cfg.backbones:
+        _uvit_branch(cfg, ch, paths)
+    train_sets = _segmenter_train_sets(cfg, paths)
+    _segmenter_stages(cfg, ch, paths, train_sets)
+    return dict(paths=paths, train_sets=train_sets, times=ch.times)
 
+
+def _shared_stages(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
+    """What every backbone builds on: the toy data, the label VAE, the base model."""
+    toy = paths["toy"]
     ch.stage("toy_data", ch.py("utils.make_toy_dataset", "--out", toy, "--size", cfg.size,
                                "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed))
     ch.stage("label_vae", ch.py("train.label_vae", "--config", cfg.label_vae_config, "--dataset", "toy",
@@ -180,45 +195,60 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
     ch.stage("base_model", ch.py("train.toy_base_model", "--config", cfg.base_model_config,
                                  "--data_root", toy, "--output_dir", paths["base_model"],
                                  "--seed", cfg.seed, *cfg.base_model_args))
+
+
+def _image_unet_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
+    """Image-only UNet pretraining on the base model (stands in for Stable Diffusion's pretraining)."""
+    ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
+                                 "--dataset", "toy", "--data_root", paths["toy"],
+                                 "--pretrained_model", paths["base_model"],
+                                 "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
+                                 *cfg.image_unet_args))
+
+
+def _unet_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
+    """The widened SD UNet: widen the image-pretrained base model, train jointly, generate."""
     label_vae = paths["label_vae_run"] / "label_vae"
     pretrained = paths["image_unet_run"] / "pipeline"  # the base model with the pretrained UNet
-    if "unet" in cfg.backbones or cfg.diffumask:  # DiffuMask samples the image-pretrained UNet
-        ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
-                                     "--dataset", "toy", "--data_root", toy,
-                                     "--pretrained_model", paths["base_model"],
-                                     "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
-                                     *cfg.image_unet_args))
-    if "unet" in cfg.backbones:
-        ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
-                                           "--label_vae", label_vae, "--output_dir", paths["jodiffusion_init"]))
-        ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
-                                "--dataset", "toy", "--data_root", toy,
-                                "--pretrained_model", paths["jodiffusion_init"],
-                                "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
-        generate_and_optimize(cfg, ch, paths["joint_run"] / "pipeline", paths["gen"], "")
-    if cfg.diffumask:
-        ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
-                                    "--base_model", pretrained, "--output_dir", paths["diffumask"],
-                                    "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
-    if "uvit" in cfg.backbones:
-        # a tiny UniDiffuser sharing the base model's image VAE and text encoder, pretrained image-only
-        # like the UNet, then given the label stream by the authors' step 0
-        ch.stage("uvit_base", ch.py("train.toy_unidiffuser_base", "--sd_base", paths["base_model"],
-                                    "--output_dir", paths["uvit_base"], "--seed", cfg.seed, *cfg.uvit_base_args))
-        ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
-                                     "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
-                                     "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
-                                     *cfg.uvit_image_args))
-        ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_image_run"] / "pipeline",
-                                    "--label_vae", label_vae, "--output_dir", paths["uvit_init"]))
-        ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
-                                     "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
-                                     "--output_dir", paths["uvit_joint_run"], "--seed", cfg.seed,
-                                     *cfg.uvit_joint_args))
-        generate_and_optimize(cfg, ch, paths["uvit_joint_run"] / "pipeline", paths["gen_uvit"], "uvit_")
+    ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
+                                       "--label_vae", label_vae, "--output_dir", paths["jodiffusion_init"]))
+    ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
+                            "--dataset", "toy", "--data_root", paths["toy"],
+                            "--pretrained_model", paths["jodiffusion_init"],
+                            "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
+    generate_and_optimize(cfg, ch, paths["joint_run"] / "pipeline", paths["gen"], "")
 
-    # segmenters: same config, same iterations, same number of pairs; only the training set differs
-    train_sets = {"real": toy}
+
+def _diffumask_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
+    """The DiffuMask baseline on the image-pretrained base model."""
+    pretrained = paths["image_unet_run"] / "pipeline"
+    ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
+                                "--base_model", pretrained, "--output_dir", paths["diffumask"],
+                                "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
+
+
+def _uvit_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
+    """The authors' U-ViT: a tiny UniDiffuser sharing the base model's image VAE and text encoder,
+    pretrained image-only like the UNet, then given the label stream by the authors' step 0."""
+    toy, label_vae = paths["toy"], paths["label_vae_run"] / "label_vae"
+    ch.stage("uvit_base", ch.py("train.toy_unidiffuser_base", "--sd_base", paths["base_model"],
+                                "--output_dir", paths["uvit_base"], "--seed", cfg.seed, *cfg.uvit_base_args))
+    ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
+                                 "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
+                                 "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
+                                 *cfg.uvit_image_args))
+    ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_image_run"] / "pipeline",
+                                "--label_vae", label_vae, "--output_dir", paths["uvit_init"]))
+    ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
+                                 "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
+                                 "--output_dir", paths["uvit_joint_run"], "--seed", cfg.seed,
+                                 *cfg.uvit_joint_args))
+    generate_and_optimize(cfg, ch, paths["uvit_joint_run"] / "pipeline", paths["gen_uvit"], "uvit_")
+
+
+def _segmenter_train_sets(cfg: ToyBenchmarkConfig, paths: dict[str, Path]) -> dict[str, Path]:
+    """Segmenter training set name -> data root: real, each backbone's pairs (raw and optimized), DiffuMask."""
+    train_sets = {"real": paths["toy"]}
     for backbone in cfg.backbones:
         b = BRANCHES[backbone]
         if b.train_set in train_sets:
@@ -228,6 +258,13 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
             train_sets[f"{b.train_set}_optim{t}"] = Path(f"{paths[b.gen]}_optim{t}")
     if cfg.diffumask:
         train_sets["diffumask"] = paths["diffumask"]
+    return train_sets
+
+
+def _segmenter_stages(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path],
+                      train_sets: dict[str, Path]) -> None:
+    """Same config, same iterations, same number of pairs; only the training set differs."""
+    toy = paths["toy"]
     for name, root in train_sets.items():
         source = "real" if name == "real" else "synthetic"
         opts = [f"train_cfg.max_iters={cfg.seg_iters}", f"randomness.seed={cfg.seed}",
@@ -236,7 +273,6 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
                 *cfg.seg_args]
         ch.stage(f"seg_{name}", ch.py("train.segmenter", cfg.seg_config,
                                       "--work-dir", paths["seg"] / name, "--cfg-options", *opts))
-    return dict(paths=paths, train_sets=train_sets, times=ch.times)
 
 
 def generate_and_optimize(cfg: ToyBenchmarkConfig, ch: Chain, pipeline: Path, gen: Path, prefix: str) -> None:
@@ -426,13 +462,37 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
     pics.mkdir(exist_ok=True)
     info = _toy_info()
     p = res["paths"]
-    seg = {name: _seg_result(p["seg"] / name) for name in res["train_sets"]}
+    rows = _segmentation_rows(p["seg"], res["train_sets"])
+    report = _report_skeleton(cfg, rows, res["times"])
+    report["backbones"] = {backbone: _backbone_entry(report, backbone, cfg, res, rows)
+                           for backbone in dict.fromkeys(cfg.backbones)}
+    report["real_val_confusion"] = {name: real_val_confusion(Path(p["toy"]), cfg.seg_config, p["seg"] / name)
+                                    for name in res["train_sets"]}
+    if cfg.diffumask:
+        _add_diffumask(report, cfg, res)
+    report["pictures"] = _copy_pictures(cfg, p, pics)
+    report["loss_curves"] = _loss_curves(res, pics)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report, info))
+    if cfg.publish:  # the tracked figures (runs/ is not in git); a user's run leaves them alone
+        atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
+    return report
+
+
+def _segmentation_rows(seg_dir: Path, train_sets) -> dict:
+    """Each training set's segmenter on the real val split: mIoU, its ratio to real's, per-class IoU."""
+    seg = {name: _seg_result(seg_dir / name) for name in train_sets}
     real = seg["real"]["mIoU"]
     rows = {}
     for name, r in seg.items():
         rows[name] = {"mIoU": r["mIoU"], "ratio_to_real": r["mIoU"] / real if real else float("nan"),
                       "per_class_IoU": r.get("per_class_IoU")}
-    report: dict = {
+    return rows
+
+
+def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
+    """The report's settings and segmentation rows, with the per-generator sections still empty."""
+    return {
         "profile": cfg.profile,
         "toy_figures_note": "Toy figures from the built-in shapes dataset on a 2-core CPU; not the paper's numbers.",
         "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
@@ -443,61 +503,60 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
         "image_mask_consistency": {},
         "mask_optimization": {},
         "generation": {},
-        "stage_seconds": res["times"],
+        "stage_seconds": times,
     }
-    seg_real_dir = p["seg"] / "real"
-    backbones = {}
-    for backbone in dict.fromkeys(cfg.backbones):
-        b = BRANCHES[backbone]
-        gen = p[b.gen]
-        agreement = report["prompt_mask_agreement"][b.train_set] = prompt_mask_agreement(gen)
-        consistency = report["image_mask_consistency"][b.train_set] = image_mask_consistency(
-            gen, cfg.seg_config, seg_real_dir)
-        # the UNet's ablation keeps its key (and the README's reading of it); the U-ViT's sits beside it
-        key = "mask_optimization" if backbone == "unet" else f"mask_optimization_{backbone}"
-        report[key] = _optimization_entries(gen, b.train_set, cfg, rows)
-        seconds = res["times"].get(b.generate_stage)
-        gen_summary = json.loads((gen / "dataset.json").read_text()) if (gen / "dataset.json").exists() else {}
-        report["generation"][b.train_set] = {"seconds": seconds,
-                                             "pairs_per_s": agreement["pairs"] / seconds if seconds else None,
-                                             "settings": gen_summary.get("settings")}
-        backbones[backbone] = {
-            "training_set": b.train_set, "mIoU": rows[b.train_set]["mIoU"],
-            "ratio_to_real": rows[b.train_set]["ratio_to_real"],
-            "prompt_mask_agreement": agreement["agreement"], "image_mask_consistency": consistency["mIoU"],
-            "sec_per_training_step": median_sec_per_step(p[b.joint_run] / "metrics.jsonl"),
-            "sec_per_generated_pair": seconds / agreement["pairs"] if seconds and agreement["pairs"] else None,
-            "denoiser_parameters": denoiser_parameters(p[b.joint_run] / "pipeline")}
-    report["backbones"] = backbones
-    report["real_val_confusion"] = {name: real_val_confusion(Path(p["toy"]), cfg.seg_config, p["seg"] / name)
-                                    for name in res["train_sets"]}
-    if cfg.diffumask:
-        report["prompt_mask_agreement"]["diffumask"] = prompt_mask_agreement(p["diffumask"])
-        report["image_mask_consistency"]["diffumask"] = image_mask_consistency(p["diffumask"], cfg.seg_config, seg_real_dir)
-        summ = p["diffumask"] / "summary.json"
-        dm = json.loads(summ.read_text()) if summ.exists() else {}
-        report["generation"]["diffumask"] = {
-            "seconds": res["times"].get("diffumask"),
-            "pairs_per_s": dm.get("pairs_per_s") or (dm.get("num_pairs", 0) / res["times"]["diffumask"]
-                                                     if res["times"].get("diffumask") else None)}
 
-    # pictures: real pairs, generated pairs (raw and optimized), DiffuMask pairs, loss curves
+
+def _backbone_entry(report: dict, backbone: str, cfg: ToyBenchmarkConfig, res: dict, rows: dict) -> dict:
+    """Score one backbone's pairs into ``report``'s per-generator sections; returns its side-by-side row."""
+    b, p = BRANCHES[backbone], res["paths"]
+    gen = p[b.gen]
+    agreement = report["prompt_mask_agreement"][b.train_set] = prompt_mask_agreement(gen)
+    consistency = report["image_mask_consistency"][b.train_set] = image_mask_consistency(
+        gen, cfg.seg_config, p["seg"] / "real")
+    # the UNet's ablation keeps its key (and the README's reading of it); the U-ViT's sits beside it
+    key = "mask_optimization" if backbone == "unet" else f"mask_optimization_{backbone}"
+    report[key] = _optimization_entries(gen, b.train_set, cfg, rows)
+    seconds = res["times"].get(b.generate_stage)
+    gen_summary = json.loads((gen / "dataset.json").read_text()) if (gen / "dataset.json").exists() else {}
+    report["generation"][b.train_set] = {"seconds": seconds,
+                                         "pairs_per_s": agreement["pairs"] / seconds if seconds else None,
+                                         "settings": gen_summary.get("settings")}
+    return {
+        "training_set": b.train_set, "mIoU": rows[b.train_set]["mIoU"],
+        "ratio_to_real": rows[b.train_set]["ratio_to_real"],
+        "prompt_mask_agreement": agreement["agreement"], "image_mask_consistency": consistency["mIoU"],
+        "sec_per_training_step": median_sec_per_step(p[b.joint_run] / "metrics.jsonl"),
+        "sec_per_generated_pair": seconds / agreement["pairs"] if seconds and agreement["pairs"] else None,
+        "denoiser_parameters": denoiser_parameters(p[b.joint_run] / "pipeline")}
+
+
+def _add_diffumask(report: dict, cfg: ToyBenchmarkConfig, res: dict) -> None:
+    """DiffuMask's pairs scored like the backbones', and its generation speed."""
+    p = res["paths"]
+    report["prompt_mask_agreement"]["diffumask"] = prompt_mask_agreement(p["diffumask"])
+    report["image_mask_consistency"]["diffumask"] = image_mask_consistency(p["diffumask"], cfg.seg_config,
+                                                                           p["seg"] / "real")
+    summ = p["diffumask"] / "summary.json"
+    dm = json.loads(summ.read_text()) if summ.exists() else {}
+    report["generation"]["diffumask"] = {
+        "seconds": res["times"].get("diffumask"),
+        "pairs_per_s": dm.get("pairs_per_s") or (dm.get("num_pairs", 0) / res["times"]["diffumask"]
+                                                 if res["times"].get("diffumask") else None)}
+
+
+def _copy_pictures(cfg: ToyBenchmarkConfig, p: dict, pics: Path) -> list[str]:
+    """Real pairs, generated pairs, DiffuMask pairs: each preview that exists, copied into ``pics``."""
     sources = [(p["toy"] / "preview.png", "real_pairs.png"), (p["gen"] / "preview.png", "jodiffusion_pairs.png"),
                (p["gen_uvit"] / "preview.png", "jodiffusion_uvit_pairs.png")]
     if cfg.diffumask:
         sources.append((p["diffumask"] / "preview.png", "diffumask_pairs.png"))
-    report["pictures"] = []
+    copied = []
     for src, name in sources:
         if Path(src).exists():
             shutil.copyfile(src, pics / name)
-            report["pictures"].append(name)
-    report["pictures"].sort()
-    report["loss_curves"] = _loss_curves(res, pics)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", render_markdown(report, info))
-    if cfg.publish:  # the tracked figures (runs/ is not in git); a user's run leaves them alone
-        atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
-    return report
+            copied.append(name)
+    return sorted(copied)
 
 
 def _fmt(x, pct=False):
@@ -529,8 +588,15 @@ def _backbone_table(r: dict) -> list[str]:
 
 
 def render_markdown(r: dict, info) -> str:
+    lines = (_intro_lines(r) + _segmentation_section(r, info) + _generated_data_section(r) + _backbone_table(r)
+             + _mask_optimization_sections(r) + _pictures_sections(r) + _stage_time_section(r))
+    return "\n".join(lines) + "\n"
+
+
+def _intro_lines(r: dict) -> list[str]:
+    """Title, the toy-figures note and the settings every training set shares."""
     s = r["settings"]
-    lines = [
+    return [
         f"# Toy benchmark report ({r['profile']} profile)",
         "",
         f"> {r['toy_figures_note']}" + (" These are what the 15-minute demo buys, not converged figures."
@@ -538,6 +604,12 @@ def render_markdown(r: dict, info) -> str:
         "",
         f"{s['num_train_pairs']} training pairs per set, {s['size']} px; segmenter `{s['segmenter']}`, "
         f"{s['segmenter_iters']} iterations for every training set; evaluated on {s['num_val']} real toy val pairs.",
+    ]
+
+
+def _segmentation_section(r: dict, info) -> list[str]:
+    """mIoU per training set on real val, the largest confusions, and a caution when real is weak."""
+    lines = [
         "",
         "## Segmentation on the real val split",
         "",
@@ -560,8 +632,13 @@ def render_markdown(r: dict, info) -> str:
         lines += ["", f"**Caution:** the real-trained segmenter reached only {real:.3f} mIoU (< 0.85), so it has not "
                   "really learned the task and the ratios above say little. Train longer (the benchmark profile) "
                   "before reading them."]
-    lines += ["", "## Generated data", "",
-              "| generator | prompt-mask agreement | image-mask consistency (mIoU) | pairs/s |", "|---|---|---|---|"]
+    return lines
+
+
+def _generated_data_section(r: dict) -> list[str]:
+    """Each generator's agreement, consistency and speed, then both scores by prompt size."""
+    lines = ["", "## Generated data", "",
+             "| generator | prompt-mask agreement | image-mask consistency (mIoU) | pairs/s |", "|---|---|---|---|"]
     for g in r["prompt_mask_agreement"]:
         lines.append(f"| {g} | {_fmt(r['prompt_mask_agreement'][g]['agreement'])} | "
                      f"{_fmt(r['image_mask_consistency'][g]['mIoU'])} | "
@@ -579,7 +656,12 @@ def render_markdown(r: dict, info) -> str:
     lines += ["", "Prompt-mask agreement: share of pairs whose mask holds exactly the classes the prompt names. "
               "Image-mask consistency: mIoU between the generated mask and the real-trained segmenter's "
               "prediction on the generated image."]
-    lines += _backbone_table(r)
+    return lines
+
+
+def _mask_optimization_sections(r: dict) -> list[str]:
+    """One table per backbone whose pairs went through mask optimization."""
+    lines = []
     for key, title in (("mask_optimization", "JoDiffusion pairs"), ("mask_optimization_uvit", "JoDiffusion U-ViT pairs")):
         if not r.get(key):
             continue
@@ -589,17 +671,26 @@ def render_markdown(r: dict, info) -> str:
         for k, v in r[key].items():
             lines.append(f"| {k.split('_')[1]} | {v.get('changed_pixels', '-')} | {v.get('changed_components', '-')} | "
                          f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('segmenter_mIoU'))} |")
-    lines += ["", "## Pictures", ""]
+    return lines
+
+
+def _pictures_sections(r: dict) -> list[str]:
+    """The copied pair previews, then the loss curves."""
+    lines = ["", "## Pictures", ""]
     for pic in r["pictures"]:
         lines.append(f"![{pic}](report_files/{pic})")
     lines += ["", "## Loss curves", ""]
     for title, png in r["loss_curves"].items():
         lines.append(f"![{title}](report_files/{png})")
-    lines += ["", "## Stage wall time (s)", "", "| stage | seconds |", "|---|---|"]
+    return lines
+
+
+def _stage_time_section(r: dict) -> list[str]:
+    lines = ["", "## Stage wall time (s)", "", "| stage | seconds |", "|---|---|"]
     for k, v in r["stage_seconds"].items():
         lines.append(f"| {k} | {v:.0f} |")
     lines.append(f"| total | {sum(r['stage_seconds'].values()):.0f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> dict:
