@@ -24,6 +24,7 @@ trains longer).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -62,10 +63,16 @@ class ToyWebBaseConfig:
         "help": "UNet steps (the cosine rate spans them); rerun with more to train longer"})
 
 
+_DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                          "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_CPU")
+
+
 def run_stage(run: RunDir, name: str, module: str, args: list[str], folder: Path) -> None:
     """``python -m module args`` with this interpreter; a failure stops here naming its log."""
     run.log(f"stage {name}: python -m {module} {' '.join(args)}")
-    proc = subprocess.Popen([sys.executable, "-m", module, *args])
+    # one process per stage: no launcher's rank variables leak in (a stage would wait for its peers)
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARIABLES}
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env)
     try:
         code = proc.wait()
     finally:  # stopped (SIGTERM / Ctrl-C): stop the stage too, it would run on orphaned
