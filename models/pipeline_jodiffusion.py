@@ -350,6 +350,12 @@ def load_jodiffusion_pipeline(folder: str, dtype: torch.dtype, device, scheduler
         raise ValueError(f"{folder}: cannot load the pipeline ({first_line(e)})") from None
     pipe = pipe.to(device)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return ready_to_generate(pipe, folder)
+
+
+def ready_to_generate(pipe, folder: str):
+    """A loaded pipeline of either backbone, progress bar off, its parts checked against each other
+    (ValueError naming ``folder``)."""
     pipe.set_progress_bar_config(disable=True)
     try:
         pipe.check_components()

@@ -31,7 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from models.joint_uvit import JoDiffusionUViT
 from models.label_vae import check_label_vae_dataset, load_label_vae, read_label_vae_num_labels
 from models.pipeline_jodiffusion import (DEFAULT_GUIDANCE, DEFAULT_STEPS, check_latent_factors, make_scheduler,
-                                         pairs_output, vae_scale_factor)
+                                         pairs_output, ready_to_generate, vae_scale_factor)
 from utils.io import check_pipeline_folder
 from utils.training import first_line
 
@@ -187,10 +187,4 @@ def load_uvit_pipeline(folder: str, dtype: torch.dtype, device, scheduler: str =
     except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_uvit_folder still hides
         raise ValueError(f"{folder}: cannot load the U-ViT pipeline ({first_line(e)})") from None
     parts["scheduler"] = make_scheduler(scheduler, parts["scheduler"].config)
-    pipe = JoDiffusionUViTPipeline(**parts).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        pipe.check_components()
-    except ValueError as e:
-        raise ValueError(f"{folder}: {e}") from None
-    return pipe
+    return ready_to_generate(JoDiffusionUViTPipeline(**parts).to(device), folder)

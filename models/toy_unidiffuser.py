@@ -25,7 +25,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import Uni
 from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuserModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from utils.io import check_pipeline_folder, read_json_object
+from utils.io import atomic_folder, check_pipeline_folder, read_json_object
 
 # toy SD base folder -> UniDiffuser folder, copied as is
 COPIED_FROM_SD_BASE = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "clip_tokenizer",
@@ -136,10 +136,7 @@ def write_toy_unidiffuser_folder(sd_base: str | Path, output_dir: str | Path, sp
                          f"patch {spec.vision_patch}")
     parts = build_toy_unidiffuser(sizes, spec, seed)
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(output) as tmp:
         for theirs, ours in COPIED_FROM_SD_BASE.items():
             shutil.copytree(sd_base / theirs, tmp / ours, ignore=shutil.ignore_patterns(".*"))
         parts["unet"].save_pretrained(str(tmp / "unet"), safe_serialization=True)
@@ -149,9 +146,4 @@ def write_toy_unidiffuser_folder(sd_base: str | Path, output_dir: str | Path, sp
         index = dict(MODEL_INDEX, _diffusers_version=diffusers.__version__)
         index["scheduler"] = ["diffusers", scheduler.get("_class_name", "DPMSolverMultistepScheduler")]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
     return output

@@ -28,7 +28,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuser
 
 from models.joint_uvit import PAPER_UVIT_CONFIG, JoDiffusionUViT, num_patches
 from models.label_vae import load_label_vae
-from utils.io import check_pipeline_folder, read_json_object
+from utils.io import atomic_folder, check_pipeline_folder, read_json_object
 from utils.weights import convert_folder
 
 # The settings that make a UniDiffuser U-ViT the authors' layout; sizes (widths, depth, number of
@@ -233,19 +233,11 @@ def write_uvit_pipeline_folder(unidiffuser_folder: str | Path, label_vae_folder:
             raise ValueError(f"{source / name}: cannot load the {cls.__name__} ({_one_line(e)})") from None
     model = uvit_from_unidiffuser(loaded.pop("unet"), loaded.pop("text_decoder"))
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(output) as tmp:
         for theirs, ours in COPIED_COMPONENTS.items():
             _copy_component(source / theirs, tmp / ours)
         _copy_component(label_folder, tmp / "label_vae")
         model.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         check_pipeline_folder(tmp, [*COPIED_COMPONENTS.values(), "label_vae", "unet"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
     return output

@@ -38,6 +38,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it replaces ``path`` only if the block
+    succeeds (a folder that looks complete is complete), and is removed if it fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -66,13 +83,9 @@ def read_json_object(path: str | Path) -> dict:
 def save_pretrained_atomic(obj: Any, folder: str | Path) -> Path:
     """``obj.save_pretrained`` (safetensors) into a temporary sibling renamed to ``folder`` once
     complete, replacing an older export: an interrupted save never leaves a folder that looks done."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    obj.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    with atomic_folder(folder) as tmp:
+        obj.save_pretrained(str(tmp), safe_serialization=True)
+    return Path(folder)
 
 
 def encode_image(array: np.ndarray, fmt: str, **save_kwargs) -> bytes:

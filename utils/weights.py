@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from utils.io import atomic_folder
+
 # diffusers' and transformers' weight names, .bin -> .safetensors
 _RENAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model", "pytorch_model": "model"}
 
@@ -64,23 +66,20 @@ def convert_folder(src: str | Path, dst: str | Path) -> list[Path]:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise ValueError(f"{src}: folder not found")
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     converted = []
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if path.is_dir() or any(part.startswith(".") for part in rel.parts):
-            continue
-        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
-        if path.name.endswith(".bin"):
-            _convert_file(path, tmp / rel.parent)
-            converted.append(rel)
-        elif path.name.endswith(".bin.index.json"):
-            _convert_index(path, tmp / rel.parent)
-        else:
-            shutil.copy2(path, tmp / rel)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    with atomic_folder(dst) as tmp:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            if path.is_dir() or any(part.startswith(".") for part in rel.parts):
+                continue
+            (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+            if path.name.endswith(".bin"):
+                _convert_file(path, tmp / rel.parent)
+                converted.append(rel)
+            elif path.name.endswith(".bin.index.json"):
+                _convert_index(path, tmp / rel.parent)
+            else:
+                shutil.copy2(path, tmp / rel)
     return converted
 
 
