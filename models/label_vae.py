@@ -422,6 +422,11 @@ def label_vae_num_labels(config: dict) -> int:
                      "num_upscalers (LightweightLabelVAE)")
 
 
+def model_num_labels(label_vae) -> int:
+    """How many of our label values a loaded label VAE decodes (the authors' with its label offset)."""
+    return label_vae.num_labels if isinstance(label_vae, AuthorsLabelVAE) else int(label_vae.config.num_labels)
+
+
 def read_label_vae_num_labels(folder: str | Path) -> int:
     """``label_vae_num_labels`` of ``folder/config.json``, without loading the model; ValueError naming the file."""
     config_file = Path(folder) / "config.json"

@@ -41,7 +41,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.label_vae import check_label_vae_dataset, decode_latents_to_masks, read_label_vae_num_labels
+from models.label_vae import (check_label_vae_dataset, decode_latents_to_masks, model_num_labels,
+                              read_label_vae_num_labels)
 from utils.io import check_pipeline_folder
 from utils.training import first_line
 
@@ -400,8 +401,7 @@ def load_training_components(source: str, label_vae_path: str | None, info):
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{label_vae_path}: cannot load the label VAE ({first_line(e)}); pass --label_vae or "
                          "run inference.jodiffusion first") from None
-    check_label_vae_dataset(label_vae.num_labels if hasattr(label_vae, "label_offset") else label_vae.config.num_labels,
-                            info, label_vae_path)
+    check_label_vae_dataset(model_num_labels(label_vae), info, label_vae_path)
     if label_vae.downsample_factor != vae_scale_factor(vae):
         raise ValueError(f"{label_vae_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image "
                          f"VAE by {vae_scale_factor(vae)}")

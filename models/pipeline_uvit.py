@@ -140,13 +140,18 @@ class JoDiffusionUViTPipeline(DiffusionPipeline):
         return out if return_dict else (out.images, out.masks, out.confidence)
 
 
+def unet_class_name(folder: str | Path) -> str | None:
+    """The ``_class_name`` in ``folder/unet/config.json`` (None without a readable one): what tells
+    the backbones' folders apart."""
+    try:
+        return json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
 def is_uvit_folder(folder: str | Path) -> bool:
     """A U-ViT pipeline folder: ``unet/config.json`` names their or our U-ViT class."""
-    config = Path(folder) / "unet" / "config.json"
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") in UVIT_CLASS_NAMES
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
+    return unet_class_name(folder) in UVIT_CLASS_NAMES
 
 
 def check_uvit_folder(folder: str, info) -> None:
@@ -163,8 +168,9 @@ def check_uvit_folder(folder: str, info) -> None:
         raise ValueError(f"{e}; pass the pipeline made for '{info.name}'") from None
 
 
-def load_uvit_components(folder: str | Path, dtype: torch.dtype = torch.float32) -> dict:
-    """The six text2img parts of a U-ViT folder (theirs or ours) in ``dtype``, each from its subfolder."""
+def load_uvit_components(folder: str | Path, dtype: torch.dtype = torch.float32, scheduler: str = "dpmsolver++") -> dict:
+    """The six text2img parts of a U-ViT folder (theirs or ours) in ``dtype``, each from its subfolder;
+    the sampler ``scheduler`` (``make_scheduler``) on the folder's noise schedule."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -174,17 +180,16 @@ def load_uvit_components(folder: str | Path, dtype: torch.dtype = torch.float32)
                 clip_tokenizer=CLIPTokenizer.from_pretrained(folder / "clip_tokenizer"),
                 label_vae=load_label_vae(folder / "label_vae", torch_dtype=dtype),
                 unet=JoDiffusionUViT.from_pretrained(folder / "unet", torch_dtype=dtype),
-                scheduler=make_scheduler("dpmsolver++", scheduler_config))
+                scheduler=make_scheduler(scheduler, scheduler_config))
 
 
 def load_uvit_pipeline(folder: str, dtype: torch.dtype, device, scheduler: str = "dpmsolver++") -> JoDiffusionUViTPipeline:
     """A U-ViT folder on ``device`` in ``dtype``, sampling with ``scheduler`` on the folder's own noise
     schedule, progress bar off; a load error or mismatched parts are one ValueError naming the folder."""
     try:
-        parts = load_uvit_components(folder, dtype)
+        parts = load_uvit_components(folder, dtype, scheduler)
     except ValueError as e:  # a key mismatch already names the file
         raise ValueError(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- whatever a folder that passed check_uvit_folder still hides
         raise ValueError(f"{folder}: cannot load the U-ViT pipeline ({first_line(e)})") from None
-    parts["scheduler"] = make_scheduler(scheduler, parts["scheduler"].config)
     return ready_to_generate(JoDiffusionUViTPipeline(**parts).to(device), folder)

@@ -16,7 +16,6 @@ in ``--mode image`` only and does not generate through ``load_pipeline``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -25,7 +24,8 @@ import torch
 from models.joint_unet import unet_batch_loss
 from models.pipeline_jodiffusion import (check_jodiffusion_folder, export_unet_pipeline, load_jodiffusion_pipeline,
                                          load_unet_training_components, reload_unet_frozen_parts, training_pipeline)
-from models.pipeline_uvit import UVIT_TRAINING_COMPONENTS, check_uvit_folder, is_uvit_folder, load_uvit_pipeline
+from models.pipeline_uvit import (UVIT_TRAINING_COMPONENTS, check_uvit_folder, is_uvit_folder, load_uvit_pipeline,
+                                  unet_class_name)
 from models.uvit_init import UNIDIFFUSER_COMPONENTS
 from models.uvit_training import (export_unidiffuser_pipeline, export_uvit_pipeline,
                                   load_unidiffuser_training_components, load_uvit_training_components,
@@ -88,16 +88,9 @@ TRAINING = {
 TRAINING_FOLDER_PARTS = {"uvit": UVIT_TRAINING_COMPONENTS, "unidiffuser": UNIDIFFUSER_COMPONENTS, "unet": SD_PARTS}
 
 
-def _unet_class_name(folder: str | Path) -> str | None:
-    try:
-        return json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-
-
 def training_backbone(folder: str | Path) -> str:
     """``uvit``, ``unidiffuser`` or ``unet``: which ``TRAINING`` entry trains from ``folder``, by its
     unet/config.json ``_class_name`` (an SD folder, ours, or a hub id: ``unet``)."""
     if is_uvit_folder(folder):
         return "uvit"
-    return "unidiffuser" if _unet_class_name(folder) == "UniDiffuserModel" else "unet"
+    return "unidiffuser" if unet_class_name(folder) == "UniDiffuserModel" else "unet"

@@ -15,7 +15,6 @@ what ``train.joint_diffusion`` calls when its ``--pretrained_model`` is a U-ViT 
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -26,14 +25,16 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import Uni
 from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuserModel
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from models.label_vae import check_label_vae_dataset, load_label_vae
+from models.label_vae import check_label_vae_dataset, load_label_vae, model_num_labels
 from models.pipeline_jodiffusion import make_scheduler, vae_scale_factor
 from models.pipeline_uvit import JoDiffusionUViTPipeline, load_uvit_components
 from models.uvit_init import UNIDIFFUSER_COMPONENTS
+from utils.io import read_json_object
 from utils.training import first_line
 
 UVIT_LOSS_PARTS = ("text", "image", "clip", "label")
 UNIDIFFUSER_LOSS_PARTS = ("text", "image", "clip")  # UniDiffuser's own objective: no label stream
+CLIP_PROCESSOR_CONFIG = "clip_image_processor/preprocessor_config.json"
 
 
 def clip_image_embeds(image_encoder, processor: dict, images: torch.Tensor) -> torch.Tensor:
@@ -89,21 +90,18 @@ def load_uvit_training_components(source: str, label_vae_path: str | None, info)
     """(models dict, U-ViT, DDPM noise schedule) of the U-ViT folder ``source`` (theirs, or
     ``inference.uvit_init``'s). ``models`` holds vae (the image VAE), label_vae, text_encoder,
     tokenizer, image_encoder and clip_processor (a dict). ValueError("<path>: ...")."""
-    from diffusers import DDPMScheduler
-    from transformers import CLIPVisionModelWithProjection
-
     if label_vae_path is None:
         raise ValueError(f"{source}: the U-ViT trains jointly only (no --mode image)")
     folder = Path(source)
     try:
         parts = load_uvit_components(folder)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder")
-        processor = json.loads((folder / "clip_image_processor" / "preprocessor_config.json").read_text(encoding="utf-8"))
+        processor = read_json_object(folder / CLIP_PROCESSOR_CONFIG)
         noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
         label_vae = parts["label_vae"] if Path(label_vae_path) == folder / "label_vae" else load_label_vae(label_vae_path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{source}: cannot load the U-ViT training parts ({first_line(e)})") from None
-    check_label_vae_dataset(getattr(label_vae, "num_labels", None) or label_vae.config.num_labels, info, label_vae_path)
+    check_label_vae_dataset(model_num_labels(label_vae), info, label_vae_path)
     if label_vae.downsample_factor != vae_scale_factor(parts["image_vae"]):
         raise ValueError(f"{label_vae_path}: the label VAE downsamples by {label_vae.downsample_factor}, the image "
                          f"VAE by {vae_scale_factor(parts['image_vae'])}")
@@ -130,10 +128,12 @@ def uvit_batch_loss(unet, noise_scheduler, models: dict, latents: torch.Tensor, 
 
 
 def reload_uvit_frozen_parts(source: str, label_vae_path: str | None) -> dict:
-    """The frozen parts loaded again in float32 (an export saves these, not the fp16 copies)."""
-    parts = load_uvit_components(source)
-    return dict(vae=parts["image_vae"], text_encoder=parts["text_encoder"],
-                label_vae=load_label_vae(label_vae_path) if label_vae_path else parts["label_vae"])
+    """The frozen parts loaded again in float32 (an export saves these, not the fp16 copies); the
+    U-ViT itself is not read again."""
+    folder = Path(source)
+    return dict(vae=AutoencoderKL.from_pretrained(folder / "image_vae"),
+                text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                label_vae=load_label_vae(label_vae_path or folder / "label_vae"))
 
 
 def export_uvit_pipeline(models: dict, unet, noise_scheduler, out_dir, source: str) -> None:
@@ -185,8 +185,7 @@ def load_unidiffuser_training_components(source: str, label_vae_path: str | None
                       text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
                       tokenizer=CLIPTokenizer.from_pretrained(folder / "clip_tokenizer"),
                       image_encoder=CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder"),
-                      clip_processor=json.loads((folder / "clip_image_processor" / "preprocessor_config.json")
-                                                .read_text(encoding="utf-8")),
+                      clip_processor=read_json_object(folder / CLIP_PROCESSOR_CONFIG),
                       text_decoder=UniDiffuserTextDecoder.from_pretrained(folder / "text_decoder"))
         unet = UniDiffuserModel.from_pretrained(folder / "unet")
         noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
