@@ -126,14 +126,15 @@ def train(cfg: JointDiffusionConfig) -> None:
         run.log("no CUDA device: fp16 mixed precision is off, training in fp32")
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    backbone = training_backbone(cfg.pretrained_model)
     try:
         info = get_dataset_info(cfg.dataset, cfg.data_root)
         check_model_folders(cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None,
-                            TRAINING_FOLDER_PARTS[training_backbone(cfg.pretrained_model)])
+                            TRAINING_FOLDER_PARTS[backbone])
     except ValueError as e:
         die(str(e))
 
-    r = build_models(cfg, info, accelerator, run, mixed)
+    r = build_models(cfg, info, accelerator, run, mixed, backbone)
     r.data, r.batches, r.bad_files, max_steps, updates_per_epoch = build_data(cfg, info, r.models, accelerator, run)
     r.empty_ids = r.data.empty_ids.to(accelerator.device)
     try:
@@ -211,10 +212,9 @@ def fit(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, global_step: int
     return global_step
 
 
-def build_models(cfg: JointDiffusionConfig, info, accelerator, run: RunDir, mixed: str) -> SimpleNamespace:
+def build_models(cfg: JointDiffusionConfig, info, accelerator, run: RunDir, mixed: str, backbone: str) -> SimpleNamespace:
     """The backbone the folder holds (``models.pipelines.TRAINING``): its frozen parts (cast to the
     weight dtype), the trained denoiser and its EMA."""
-    backbone = training_backbone(cfg.pretrained_model)
     try:
         models, unet, noise_scheduler = TRAINING[backbone].load(
             cfg.pretrained_model, label_vae_path(cfg) if cfg.mode == "joint" else None, info)
