@@ -4,11 +4,15 @@ dataset, ending in a report of how good the synthetic data is.
     python -m bench.toy_benchmark --config configs/toy_benchmark/demo.yaml    # scripts/demo.sh, <= 15 min
     python -m bench.toy_benchmark --config configs/toy_benchmark/bench.yaml   # scripts/toy_benchmark.sh, <= 60 min
 
-Chain: toy dataset -> label VAE -> tiny base model (image VAE + text encoder) -> image-only
-UNet pretraining (stands in for Stable Diffusion's pretraining) -> widen + joint training ->
-generation -> mask optimization -> DiffuMask on the same base model -> one mmseg segmenter per
-training set (real, JoDiffusion, JoDiffusion + mask optimization, DiffuMask), all with the same
-number of pairs and the same schedule, evaluated on the real toy val split.
+The paper's regime: the chain starts from a pretrained text-to-image model, the shipped toy base
+``assets/toy_base`` (made once by ``train.toy_web_base`` on a captioned toy "web" corpus, never
+the segmentation data; loaded with ``from_pretrained`` like Stable Diffusion), and learns only the
+label stream and the alignment on the target data. Chain: toy dataset -> label VAE -> weight init
+from the base -> joint fine-tune -> generation -> mask optimization -> DiffuMask on the same base ->
+one mmseg segmenter per training set (real, JoDiffusion, JoDiffusion + mask optimization,
+DiffuMask), all with the same number of pairs and the same schedule, evaluated on the real toy val
+split. ``--pretrained_base ''`` runs the older chain that trains a tiny base inside the run (image
+VAE + text encoder, then an image-only UNet on the toy data).
 With ``backbones: [unet, uvit]`` the authors' backbone runs beside it on the same toy data, label
 VAE, base VAE + text encoder, budget, seed and generation settings: a tiny UniDiffuser
 (``train.toy_unidiffuser_base``) -> image-only pretraining -> ``inference.uvit_init`` -> joint
@@ -52,11 +56,15 @@ class ToyBenchmarkConfig:
         "help": "joint denoisers to train and compare: the widened SD UNet, the authors' U-ViT",
         "choices": ("unet", "uvit")})
     publish: bool = field(default=False, metadata={
-        "help": "also write the figures to bench/results/toy_benchmark_<profile>.json (tracked; maintainers only)"})
+        "help": "also write the figures to bench/results/toy_benchmark_<profile>[_seed<N>].json and its sample "
+                "pairs picture beside it (tracked; maintainers only)"})
     # data
     size: int = field(default=32, metadata={"help": "toy image side (px)"})
     num_train: int = field(default=4000, metadata={"help": "real training pairs (= generated pairs)"})
     num_val: int = field(default=500, metadata={"help": "real val pairs (the evaluation set)"})
+    pretrained_base: str = field(default="assets/toy_base", metadata={
+        "help": "the pretrained text-to-image model (an SD folder) the chain starts from; '' trains a tiny "
+                "base inside the chain instead (base_model_* and image_unet_* stages)"})
     # stages: each takes its YAML profile plus extra flags
     label_vae_config: str = field(default="configs/label_vae/toy.yaml")
     label_vae_args: list[str] = field(default_factory=list)
@@ -149,7 +157,7 @@ BRANCHES = {"unet": Branch("jodiffusion", "joint_run", "gen", "generate"),
 
 def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
     out = Path(cfg.output_dir)
-    return dict(
+    paths = dict(
         toy=out / "data" / "toy",
         label_vae_run=out / "label_vae",
         base_model=out / "base_model",
@@ -165,14 +173,21 @@ def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
         gen_uvit=out / "synthetic" / "jodiffusion_uvit",
         seg=out / "segmenters",
     )
+    if cfg.pretrained_base:  # the shipped base is both the base model and the image-drawing pipeline
+        paths.update(base_model=Path(cfg.pretrained_base), image_pipeline=Path(cfg.pretrained_base))
+    else:
+        paths["image_pipeline"] = paths["image_unet_run"] / "pipeline"
+    return paths
 
 
 def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
+    if cfg.pretrained_base:
+        check_pretrained_base(Path(cfg.pretrained_base))
     ch = Chain(cfg, run)
     paths = chain_paths(cfg)
     _shared_stages(cfg, ch, paths)
-    if "unet" in cfg.backbones or cfg.diffumask:  # DiffuMask samples the image-pretrained UNet
-        _image_unet_stage(cfg, ch, paths)
+    if not cfg.pretrained_base and ("unet" in cfg.backbones or cfg.diffumask):
+        _image_unet_stage(cfg, ch, paths)  # DiffuMask and the widened UNet start from the image-only UNet
     if "unet" in cfg.backbones:
         _unet_branch(cfg, ch, paths)
     if cfg.diffumask:
@@ -185,16 +200,31 @@ def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
 
 
 def _shared_stages(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
-    """What every backbone builds on: the toy data, the label VAE, the base model."""
+    """What every backbone builds on: the toy data, the label VAE, the base model (shipped, or trained here)."""
     toy = paths["toy"]
     ch.stage("toy_data", ch.py("utils.make_toy_dataset", "--out", toy, "--size", cfg.size,
                                "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed))
     ch.stage("label_vae", ch.py("train.label_vae", "--config", cfg.label_vae_config, "--dataset", "toy",
                                 "--data_root", toy, "--output_dir", paths["label_vae_run"],
                                 "--seed", cfg.seed, *cfg.label_vae_args))
+    if cfg.pretrained_base:
+        return
     ch.stage("base_model", ch.py("train.toy_base_model", "--config", cfg.base_model_config,
                                  "--data_root", toy, "--output_dir", paths["base_model"],
                                  "--seed", cfg.seed, *cfg.base_model_args))
+
+
+def check_pretrained_base(base: Path) -> None:
+    """A clear error, before any stage runs, when the pretrained base folder is not a usable SD folder."""
+    if not (base / "model_index.json").is_file():
+        die(f"{base}: no model_index.json; pretrained_base must be a Stable Diffusion folder (the shipped "
+            "toy base is assets/toy_base; --pretrained_base '' trains a tiny base inside the chain)")
+    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (base / part).is_dir()
+               or (part in ("unet", "vae", "text_encoder") and not any((base / part).glob("*.safetensors")))]
+    if missing:
+        die(f"{base}: no weights for {', '.join(missing)}; make the toy base with `python -m train.toy_web_base` "
+            f"and copy runs/toy_web_base/model/ there, or pass --pretrained_base '' to train one in the chain")
 
 
 def _image_unet_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
@@ -209,8 +239,7 @@ def _image_unet_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]
 def _unet_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
     """The widened SD UNet: widen the image-pretrained base model, train jointly, generate."""
     label_vae = paths["label_vae_run"] / "label_vae"
-    pretrained = paths["image_unet_run"] / "pipeline"  # the base model with the pretrained UNet
-    ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", pretrained,
+    ch.stage("init_jodiffusion", ch.py("inference.jodiffusion", "--base_model", paths["image_pipeline"],
                                        "--label_vae", label_vae, "--output_dir", paths["jodiffusion_init"]))
     ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
                             "--dataset", "toy", "--data_root", paths["toy"],
@@ -220,10 +249,9 @@ def _unet_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> 
 
 
 def _diffumask_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
-    """The DiffuMask baseline on the image-pretrained base model."""
-    pretrained = paths["image_unet_run"] / "pipeline"
+    """The DiffuMask baseline on the same image-drawing base model as the widened UNet's."""
     ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
-                                "--base_model", pretrained, "--output_dir", paths["diffumask"],
+                                "--base_model", paths["image_pipeline"], "--output_dir", paths["diffumask"],
                                 "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
 
 
@@ -399,13 +427,16 @@ def _seg_result(work_dir: Path) -> dict:
     return json.loads((work_dir / "final_metrics.json").read_text())
 
 
-def _loss_curves(res: dict, pics: Path) -> dict[str, str]:
+def _loss_curves(cfg: ToyBenchmarkConfig, res: dict, pics: Path) -> dict[str, str]:
     from utils.visualize import plot_curves
 
     p = res["paths"]
     sources = {  # title -> (metrics file, keys, x axis, picture name)
         "label VAE": (p["label_vae_run"] / "metrics.jsonl", ("loss",), "step", "loss_label_vae.png"),
-        "image VAE (base model)": (p["base_model"] / "metrics.jsonl", ("loss",), "step", "loss_image_vae.png"),
+        **({"pretrained base UNet (made once, on the toy web corpus)": (
+            p["base_model"] / "metrics.jsonl", ("loss",), "step", "loss_pretrained_base.png")} if cfg.pretrained_base
+           else {"image VAE (base model)": (p["base_model"] / "metrics.jsonl", ("loss",), "step",
+                                            "loss_image_vae.png")}),
         "image-only UNet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step", "loss_image_unet.png"),
         "joint UNet": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step",
                        "loss_joint_unet.png"),
@@ -470,13 +501,29 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
                                     for name in res["train_sets"]}
     if cfg.diffumask:
         _add_diffumask(report, cfg, res)
+    report["sample_pairs"] = _sample_pairs(cfg, p, pics)
     report["pictures"] = _copy_pictures(cfg, p, pics)
-    report["loss_curves"] = _loss_curves(res, pics)
+    report["loss_curves"] = _loss_curves(cfg, res, pics)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, info))
     if cfg.publish:  # the tracked figures (runs/ is not in git); a user's run leaves them alone
-        atomic_write_json(Path("bench/results") / f"toy_benchmark_{cfg.profile}.json", report)
+        publish(cfg, report, pics)
     return report
+
+
+def published_name(cfg: ToyBenchmarkConfig) -> str:
+    """bench/results/ file stem: one per profile, and one per further seed (seed 0 keeps the plain name)."""
+    return f"toy_benchmark_{cfg.profile}" + (f"_seed{cfg.seed}" if cfg.seed else "")
+
+
+def publish(cfg: ToyBenchmarkConfig, report: dict, pics: Path) -> None:
+    results = Path("bench/results")
+    atomic_write_json(results / f"{published_name(cfg)}.json", report)
+    if report.get("sample_pairs"):
+        results.mkdir(parents=True, exist_ok=True)
+        tmp = results / f"{published_name(cfg)}_pairs.png.tmp"
+        shutil.copyfile(pics / report["sample_pairs"], tmp)
+        os.replace(tmp, results / f"{published_name(cfg)}_pairs.png")
 
 
 def _segmentation_rows(seg_dir: Path, train_sets) -> dict:
@@ -497,7 +544,8 @@ def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
         "toy_figures_note": "Toy figures from the built-in shapes dataset on a 2-core CPU; not the paper's numbers.",
         "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
                      "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed,
-                     "backbones": list(cfg.backbones)},
+                     "backbones": list(cfg.backbones),
+                     "base_model": cfg.pretrained_base or "trained inside this run (no pretrained base)"},
         "segmentation": rows,
         "prompt_mask_agreement": {},
         "image_mask_consistency": {},
@@ -559,6 +607,61 @@ def _copy_pictures(cfg: ToyBenchmarkConfig, p: dict, pics: Path) -> list[str]:
     return sorted(copied)
 
 
+SHEET_ROWS = (("real", "toy", "real toy pairs"), ("jodiffusion", "gen", "JoDiffusion, widened UNet"),
+              ("jodiffusion_uvit", "gen_uvit", "JoDiffusion, U-ViT"), ("diffumask", "diffumask", "DiffuMask"))
+
+
+def sample_pairs_sheet(sources: dict[str, Path], out_png: Path, palette, count: int = 4, tile: int = 96) -> bool:
+    """The report's opening picture: one row per source (label on the left), ``count`` pairs per row,
+    each as image | coloured mask | overlay. Returns False when no source has pairs."""
+    from PIL import Image, ImageDraw
+
+    from utils.io import save_image_atomic
+    from utils.visualize import colorize, make_grid, overlay
+
+    rows, labels = [], []
+    for label, root in sources.items():
+        masks = sorted((Path(root) / "ann_dir" / "train").glob("*.png"))[:count]
+        tiles = []
+        for m in masks:
+            found = sorted((Path(root) / "img_dir" / "train").glob(f"{m.stem}.*"))
+            if not found:
+                continue
+            with Image.open(found[0]) as im:
+                img = np.asarray(im.convert("RGB"))
+            mask = _read_mask(m)
+            if img.shape[:2] != mask.shape:
+                img = np.asarray(Image.fromarray(img).resize(mask.shape[::-1], Image.BILINEAR))
+            tiles += [img, colorize(mask, palette), overlay(img, mask, palette)]
+        if tiles:
+            rows.append(tiles)
+            labels.append(label)
+    if not rows:
+        return False
+    side = max(t.shape[0] for r in rows for t in r)
+    rows = [[t if t.shape[:2] == (side, side) else np.asarray(Image.fromarray(t).resize((side, side), Image.NEAREST))
+             for t in r] for r in rows]
+    scale = max(1, tile // side)
+    grid = make_grid(rows, pad=2, scale=scale)
+    label_w = 170
+    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = (side + 2) * scale
+    for i, label in enumerate(labels):
+        draw.text((6, 2 * scale + i * row_h + row_h // 2 - 6), label, fill=(0, 0, 0))
+    save_image_atomic(out_png, np.asarray(canvas))
+    return True
+
+
+def _sample_pairs(cfg: ToyBenchmarkConfig, p: dict, pics: Path) -> str | None:
+    """sample_pairs.png from the real pairs and every generator this run trained."""
+    info = _toy_info()
+    wanted = {"real"} | {BRANCHES[b].train_set for b in cfg.backbones} | ({"diffumask"} if cfg.diffumask else set())
+    sources = {label: p[key] for name, key, label in SHEET_ROWS if name in wanted}
+    return "sample_pairs.png" if sample_pairs_sheet(sources, pics / "sample_pairs.png", info.palette) else None
+
+
 def _fmt(x, pct=False):
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "-"
@@ -601,6 +704,18 @@ def _intro_lines(r: dict) -> list[str]:
         "",
         f"> {r['toy_figures_note']}" + (" These are what the 15-minute demo buys, not converged figures."
                                         if r["profile"] == "demo" else ""),
+        "",
+        *([f"![sample pairs](report_files/{r['sample_pairs']})", "",
+           "Each row: four pairs from one training set, each shown as image | mask | overlay.", ""]
+          if r.get("sample_pairs") else []),
+        "How to read the figures:",
+        "- **mIoU**: a segmenter trained on that set alone, scored on the real toy val split (higher is better).",
+        "- **ratio to real**: that mIoU divided by the real-trained segmenter's; 1.0 means the synthetic set "
+        "is as good as real pairs.",
+        "- **prompt-mask agreement**: share of generated masks holding exactly the classes their prompt names.",
+        "- **image-mask consistency**: mIoU between each generated mask and what the real-trained segmenter "
+        "sees in the generated image.",
+        f"- **base model**: {r['settings'].get('base_model') or 'trained inside this run'}.",
         "",
         f"{s['num_train_pairs']} training pairs per set, {s['size']} px; segmenter `{s['segmenter']}`, "
         f"{s['segmenter_iters']} iterations for every training set; evaluated on {s['num_val']} real toy val pairs.",

@@ -161,14 +161,28 @@ def test_image_mask_consistency_is_also_scored_by_prompt_size(tmp_path, monkeypa
 # ------------------------------------------------------------------ backbones: config, stage wiring
 
 
+def _fake_base(tmp_path) -> Path:
+    """An SD folder as the chain checks it (model_index.json, each part, weights where weights belong)."""
+    base = tmp_path / "toy_base"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (base / part).mkdir(parents=True)
+        if part in ("unet", "vae", "text_encoder"):
+            save_file({"w": torch.zeros(1)}, str(base / part / "model.safetensors"))
+    (base / "model_index.json").write_text("{}")
+    return base
+
+
 def _profile(name: str, tmp_path, *flags) -> ToyBenchmarkConfig:
+    """A profile's settings with a stand-in for the shipped base (the chain's wiring, not its weights, is under test)."""
+    base = tmp_path / "toy_base" if (tmp_path / "toy_base").exists() else _fake_base(tmp_path)
     return parse_config(ToyBenchmarkConfig, ["--config", str(REPO / f"configs/toy_benchmark/{name}.yaml"),
-                                             "--output_dir", str(tmp_path / "run"), *flags])
+                                             "--output_dir", str(tmp_path / "run"), "--pretrained_base", str(base),
+                                             *flags])
 
 
 def test_backbones_rejects_an_unknown_name_in_one_line(tmp_path, capsys):
     assert _profile("demo", tmp_path).backbones == ["unet"]
-    assert _profile("bench", tmp_path).backbones == ["unet", "uvit"]
+    assert _profile("bench", tmp_path).backbones == ["unet"]
     with pytest.raises(SystemExit):
         _profile("bench", tmp_path, "--backbones", "unet", "dit")
     lines = capsys.readouterr().err.strip().splitlines()
@@ -198,8 +212,45 @@ def _flag(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_demo_profile_runs_the_unet_branch_under_its_old_stage_names(tmp_path, monkeypatch):
+def test_both_profiles_start_from_the_shipped_base(tmp_path, monkeypatch):
+    assert ToyBenchmarkConfig().pretrained_base == "assets/toy_base"
+    for name in ("demo", "bench"):
+        assert parse_config(ToyBenchmarkConfig, ["--config", str(REPO / f"configs/toy_benchmark/{name}.yaml")]
+                            ).pretrained_base == "assets/toy_base"
+    cfg = _profile("bench", tmp_path, "--diffumask", "true")
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    run_chain(cfg, run)
+    run.close()
+    # no base is trained: label VAE -> init from the base -> joint fine-tune -> generation -> ...
+    assert list(calls)[:5] == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate"]
+    assert "base_model" not in calls and "image_unet" not in calls
+    base = cfg.pretrained_base
+    assert _flag(calls["init_jodiffusion"], "--base_model") == base
+    assert _flag(calls["diffumask"], "--base_model") == base  # the baseline samples the same base
+    assert _flag(calls["joint"], "--pretrained_model") == _flag(calls["init_jodiffusion"], "--output_dir")
+
+
+def test_a_pretrained_base_without_weights_is_named_before_any_stage_runs(tmp_path, monkeypatch, capsys):
+    base = _fake_base(tmp_path)
+    for f in (base / "unet").glob("*.safetensors"):
+        f.unlink()
     cfg = _profile("demo", tmp_path)
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    with pytest.raises(SystemExit):
+        run_chain(cfg, run)
+    run.close()
+    err = capsys.readouterr().err
+    assert str(base) in err and "unet" in err and "train.toy_web_base" in err
+    assert calls == {}  # refused before the first stage
+    with pytest.raises(SystemExit):
+        run_chain(_profile("demo", tmp_path, "--pretrained_base", str(tmp_path / "nowhere")), RunDir(cfg.output_dir))
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_demo_profile_runs_the_unet_branch_under_its_old_stage_names(tmp_path, monkeypatch):
+    cfg = _profile("demo", tmp_path, "--pretrained_base", "", "--diffumask", "true")
     calls = _record_stages(monkeypatch)
     run = RunDir(cfg.output_dir)
     res = run_chain(cfg, run)
@@ -210,7 +261,7 @@ def test_demo_profile_runs_the_unet_branch_under_its_old_stage_names(tmp_path, m
 
 
 def test_uvit_branch_shares_data_label_vae_base_seed_and_generation_settings(tmp_path, monkeypatch):
-    cfg = _profile("bench", tmp_path, "--seed", "7")
+    cfg = _profile("bench", tmp_path, "--seed", "7", "--backbones", "unet", "uvit")
     calls = _record_stages(monkeypatch)
     run = RunDir(cfg.output_dir)
     res = run_chain(cfg, run)
@@ -220,7 +271,7 @@ def test_uvit_branch_shares_data_label_vae_base_seed_and_generation_settings(tmp
     assert [n for n in calls if n.startswith("uvit_")] == uvit
     assert {"seg_jodiffusion_uvit", "seg_jodiffusion_uvit_optim50", "seg_jodiffusion_optim50"} <= set(calls)
     # each stage reads what the one before it wrote
-    assert _flag(calls["uvit_base"], "--sd_base") == _flag(calls["base_model"], "--output_dir")
+    assert _flag(calls["uvit_base"], "--sd_base") == cfg.pretrained_base  # the shipped VAE + text encoder
     assert _flag(calls["uvit_image"], "--pretrained_model") == _flag(calls["uvit_base"], "--output_dir")
     assert _flag(calls["uvit_image"], "--mode") == "image"
     assert _flag(calls["uvit_init"], "--unidiffuser") == str(Path(_flag(calls["uvit_image"], "--output_dir")) / "pipeline")
@@ -244,7 +295,7 @@ def test_uvit_branch_shares_data_label_vae_base_seed_and_generation_settings(tmp
 
 
 def test_a_finished_unet_run_folder_resumes_and_runs_only_the_uvit_stages(tmp_path, monkeypatch):
-    cfg = _profile("bench", tmp_path)
+    cfg = _profile("bench", tmp_path, "--pretrained_base", "", "--backbones", "unet", "uvit", "--diffumask", "false")
     stages = Path(cfg.output_dir) / "stages"
     stages.mkdir(parents=True)
     for name in UNET_STAGES + ["seg_real", "seg_jodiffusion", "seg_jodiffusion_optim50"]:
@@ -327,7 +378,7 @@ def test_demo_report_writes_only_into_its_run_folder(tmp_path, monkeypatch):
 
 def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # bench/results/ resolves here, not in the repository
-    cfg = _profile("bench", tmp_path, "--publish", "true", "--optim_thresholds", "50")
+    cfg = _profile("bench", tmp_path, "--publish", "true", "--optim_thresholds", "50", "--backbones", "unet", "uvit")
     _record_stages(monkeypatch)
     run = RunDir(cfg.output_dir)
     res = run_chain(cfg, run)
@@ -354,3 +405,40 @@ def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tm
     assert "## Mask optimization (JoDiffusion U-ViT pairs)" in md
     published = tmp_path / "bench" / "results" / "toy_benchmark_benchmark.json"
     assert json.loads(published.read_text()) == json.loads((Path(cfg.output_dir) / "report.json").read_text())
+    assert (tmp_path / "bench" / "results" / "toy_benchmark_benchmark_pairs.png").read_bytes() == \
+        (Path(cfg.output_dir) / "report_files" / "sample_pairs.png").read_bytes()
+    # a second seed is published beside the first, never over it
+    cfg2 = _profile("bench", tmp_path, "--publish", "true", "--seed", "1")
+    assert toy_benchmark.published_name(cfg2) == "toy_benchmark_benchmark_seed1"
+
+
+def test_report_opens_with_a_sheet_of_sample_pairs_per_method(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _profile("demo", tmp_path, "--diffumask", "true")  # real, the widened UNet's pairs, DiffuMask's
+    _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    _fill_fake_run(res, 5, {"joint_run": [0.3]}, {"joint_run": [(3, 4)]})
+    real = res["paths"]["toy"]
+    for i in range(2):  # real training pairs (the fake run has only val ones)
+        m = np.zeros((8, 8), np.uint8); m[1:4, 1:4] = 2
+        save_image_atomic(real / "ann_dir" / "train" / f"{i}.png", m)
+        save_image_atomic(real / "img_dir" / "train" / f"{i}.png", np.full((8, 8, 3), 200, np.uint8))
+    _blank_predict(monkeypatch)
+    report = write_report(cfg, res, run)
+    run.close()
+    assert report["sample_pairs"] == "sample_pairs.png"
+    sheet = np.asarray(Image.open(Path(cfg.output_dir) / "report_files" / "sample_pairs.png").convert("RGB"))
+    scale = 96 // 8
+    assert sheet.shape[0] == ((8 + 2) * 3 + 2) * scale  # three rows: real, JoDiffusion, DiffuMask
+    # the widest row holds four pairs of three tiles (image | mask | overlay) right of the label column
+    assert sheet.shape[1] == 170 + ((8 + 2) * 12 + 2) * scale
+    info = get_dataset_info("toy")
+    y, x = (2 + 2) * scale, 170 + (2 + (8 + 2) + 2) * scale  # first row, second tile (mask), inside the square
+    assert tuple(sheet[y, x]) == tuple(info.palette[2])
+    md = (Path(cfg.output_dir) / "report.md").read_text().splitlines()
+    assert md[4] == "![sample pairs](report_files/sample_pairs.png)"
+    assert "image | mask | overlay" in md[6] and "toy" in md[2].lower()
+    assert any(line.startswith("- **ratio to real**") for line in md[:20])
