@@ -171,3 +171,16 @@ def test_base_command_end_to_end_writes_a_loadable_hashed_sd_folder_and_resumes(
     steps = [json.loads(l)["step"] for l in (model / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert steps[-1] == 6 and 5 in steps
     assert (model / "vae/diffusion_pytorch_model.safetensors").read_bytes() == vae_before
+
+
+def test_a_resumed_runs_metrics_become_one_curve(tmp_path):
+    from train.toy_web_base import last_row_per_step
+
+    rows = [{"step": 50, "loss": 0.5}, {"step": 100, "loss": 0.4}, {"step": 150, "loss": 0.35},  # then cut
+            {"step": 100, "loss": 0.41}, {"step": 150, "loss": 0.33}, {"step": 200, "loss": 0.3},  # resumed at 100
+            {"event": "finished"}]
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = [json.loads(line) for line in last_row_per_step(f).splitlines()]
+    assert [r.get("step") for r in out] == [50, 100, 150, 200, None]
+    assert [r.get("loss") for r in out[:4]] == [0.5, 0.41, 0.33, 0.3]  # the run that went on

@@ -2,8 +2,9 @@
 
     nohup nice -n 19 python -m train.toy_web_base --output_dir runs/toy_web_base > runs/toy_web_base.out 2>&1 &
 
-The defaults are the shipped base's recipe. Budget: ~45 CPU-minutes alone on the 2-core CPU
-(corpus ~2, VAE ~6, latent cache ~2, UNet 8000 steps of 32 at ~0.25 s), 2-5x that beside other jobs.
+The defaults are the shipped base's recipe (``assets/toy_base``). Measured alone on the 2-core CPU:
+corpus ~3 min, VAE ~13, latent cache ~2, UNet 8000 steps of 32 at ~0.43 s (~58 min): ~75 minutes,
+several times that beside other jobs.
 
 Three stages, each a subprocess writing its own run folder under ``output_dir``:
 
@@ -24,6 +25,7 @@ trains longer).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -92,6 +94,22 @@ def sha256_lines(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def last_row_per_step(metrics: Path) -> str:
+    """A metrics.jsonl as one curve: a run resumed from a checkpoint logs the steps after it twice;
+    the later row (the run that went on) is kept, rows without a step (events) stay in order."""
+    by_step: dict[int, str] = {}
+    events = []
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line) if line.strip() else None
+        if row is None:
+            continue
+        if "step" in row:
+            by_step[int(row["step"])] = line
+        else:
+            events.append(line)
+    return "".join(line + "\n" for line in [*(by_step[k] for k in sorted(by_step)), *events])
+
+
 def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
     """``model/``: the trained pipeline plus what documents it (configs, curves, samples, hashes)."""
     base_init, unet_run, model = out / "base_init", out / "image_diffusion", out / "model"
@@ -103,7 +121,7 @@ def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
                "base_model": yaml.safe_load((base_init / "config.yaml").read_text()),
                "image_diffusion": yaml.safe_load((unet_run / "config.yaml").read_text())}
     atomic_write_text(model / "config.yaml", yaml.safe_dump(configs, sort_keys=False))
-    shutil.copy(unet_run / "metrics.jsonl", model / "metrics.jsonl")
+    atomic_write_text(model / "metrics.jsonl", last_row_per_step(unet_run / "metrics.jsonl"))
     shutil.copy(base_init / "metrics.jsonl", model / "vae_metrics.jsonl")
     plot_curves(model / "metrics.jsonl", model / "training_curve.png", keys=("loss",), smooth=5,
                 title="toy web base: image-only UNet loss")
