@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the built-in toy default: toy dataset -> label VAE -> tiny base model ->
-# joint diffusion -> generation -> mask optimization -> DiffuMask baseline -> mmseg segmenters,
-# and a report. CPU, 2 cores: ~10 minutes, within 15 with a first-time install (pip cache warm).
+# The main job on the built-in toy default, the paper's chain on the shipped pretrained toy base
+# (assets/toy_base): toy dataset -> label VAE -> weight init from the base -> joint fine-tune ->
+# generation -> mask optimization -> mmseg segmenters, and a report (runs/demo/report.md).
+# CPU, 2 cores: the chain took 15.1 min on 2026-12-01, a day this machine ran 1.8x slower than its
+# reference (~8.5 min at reference speed), plus a first-time install.
 # Rerun to resume an interrupted run; extra flags go to bench.toy_benchmark (e.g. --output_dir).
 # Writes only under runs/demo (no tracked file).
 set -euo pipefail

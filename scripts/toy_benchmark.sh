@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The toy benchmark profile: the demo's chain sized so every model converges, with the widened UNet
-# and the authors' U-ViT side by side. CPU, 2 cores: the UNet branch <= 60 minutes, the U-ViT branch
-# about as long again, not yet measured (`--backbones unet` for the UNet alone).
+# The toy benchmark profile: the demo's chain on the shipped pretrained toy base, sized so every
+# model converges, with the DiffuMask baseline on the same base. CPU, 2 cores: <= 60 minutes
+# (`--backbones unet uvit` adds the authors' U-ViT beside the UNet, about as long again).
 # Report: runs/toy_benchmark/report.md. Rerun to resume; extra flags are forwarded.
 # Writes nothing tracked: a maintainer refreshing bench/results/ adds `--publish true`.
 set -euo pipefail
