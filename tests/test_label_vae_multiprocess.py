@@ -45,7 +45,8 @@ def _torchrun(root, out, **over):
     for k, v in opts.items():
         argv += [f"--{k}", *str(v).split()]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    # timeout: a hang guard, not a speed check (~1 min alone, several beside other jobs)
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
