@@ -21,7 +21,7 @@ training -> generation -> mask optimization -> its segmenters; the report puts b
 Every stage runs as its own process (the real entry points, exactly as a user runs them), logs
 to ``<output_dir>/logs/<stage>.log`` and leaves ``<output_dir>/stages/<stage>.json`` when it
 finished: an interrupted benchmark rerun with the same command resumes at the first unfinished
-stage. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them;
+stage, and a training stage cut short continues from its latest checkpoint. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them;
 only ``--publish true`` also copies the figures to the tracked ``bench/results/`` (a maintainer's
 step: a user's run never modifies tracked files).
 """
@@ -141,6 +141,11 @@ class Chain:
         return [sys.executable, "-m", module, *[str(a) for a in args]]
 
 
+# every training stage continues from its latest checkpoint when the chain is rerun after a cut
+# (a stage without one starts from scratch; resumed runs draw the same data and noise per step)
+RESUME = ("--resume_from_checkpoint", "latest")
+
+
 class Branch(NamedTuple):
     """Where one backbone's stages leave their results (keys of ``run_chain``'s paths)."""
 
@@ -206,7 +211,7 @@ def _shared_stages(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -
                                "--num_train", cfg.num_train, "--num_val", cfg.num_val, "--seed", cfg.seed))
     ch.stage("label_vae", ch.py("train.label_vae", "--config", cfg.label_vae_config, "--dataset", "toy",
                                 "--data_root", toy, "--output_dir", paths["label_vae_run"],
-                                "--seed", cfg.seed, *cfg.label_vae_args))
+                                "--seed", cfg.seed, *RESUME, *cfg.label_vae_args))
     if cfg.pretrained_base:
         return
     ch.stage("base_model", ch.py("train.toy_base_model", "--config", cfg.base_model_config,
@@ -233,7 +238,7 @@ def _image_unet_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]
                                  "--dataset", "toy", "--data_root", paths["toy"],
                                  "--pretrained_model", paths["base_model"],
                                  "--output_dir", paths["image_unet_run"], "--seed", cfg.seed,
-                                 *cfg.image_unet_args))
+                                 *RESUME, *cfg.image_unet_args))
 
 
 def _unet_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
@@ -244,7 +249,7 @@ def _unet_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> 
     ch.stage("joint", ch.py("train.joint_diffusion", "--config", cfg.joint_config, "--mode", "joint",
                             "--dataset", "toy", "--data_root", paths["toy"],
                             "--pretrained_model", paths["jodiffusion_init"],
-                            "--output_dir", paths["joint_run"], "--seed", cfg.seed, *cfg.joint_args))
+                            "--output_dir", paths["joint_run"], "--seed", cfg.seed, *RESUME, *cfg.joint_args))
     generate_and_optimize(cfg, ch, paths["joint_run"] / "pipeline", paths["gen"], "")
 
 
@@ -264,13 +269,13 @@ def _uvit_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> 
     ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
                                  "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
                                  "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
-                                 *cfg.uvit_image_args))
+                                 *RESUME, *cfg.uvit_image_args))
     ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_image_run"] / "pipeline",
                                 "--label_vae", label_vae, "--output_dir", paths["uvit_init"]))
     ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
                                  "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
                                  "--output_dir", paths["uvit_joint_run"], "--seed", cfg.seed,
-                                 *cfg.uvit_joint_args))
+                                 *RESUME, *cfg.uvit_joint_args))
     generate_and_optimize(cfg, ch, paths["uvit_joint_run"] / "pipeline", paths["gen_uvit"], "uvit_")
 
 

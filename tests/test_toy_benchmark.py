@@ -229,6 +229,9 @@ def test_both_profiles_start_from_the_shipped_base(tmp_path, monkeypatch):
     assert _flag(calls["init_jodiffusion"], "--base_model") == base
     assert _flag(calls["diffumask"], "--base_model") == base  # the baseline samples the same base
     assert _flag(calls["joint"], "--pretrained_model") == _flag(calls["init_jodiffusion"], "--output_dir")
+    # a rerun after a cut continues each training stage from its latest checkpoint
+    for name in ("label_vae", "joint"):
+        assert _flag(calls[name], "--resume_from_checkpoint") == "latest"
 
 
 def test_a_pretrained_base_without_weights_is_named_before_any_stage_runs(tmp_path, monkeypatch, capsys):
