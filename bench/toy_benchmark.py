@@ -21,8 +21,8 @@ training -> generation -> mask optimization -> its segmenters; the report puts b
 Every stage runs as its own process (the real entry points, exactly as a user runs them), logs
 to ``<output_dir>/logs/<stage>.log`` and leaves ``<output_dir>/stages/<stage>.json`` when it
 finished: an interrupted benchmark rerun with the same command resumes at the first unfinished
-stage, and a training stage cut short continues from its latest checkpoint. The report is ``<output_dir>/report.md`` + ``report.json`` with pictures beside them;
-only ``--publish true`` also copies the figures to the tracked ``bench/results/`` (a maintainer's
+stage, and a training stage cut short continues from its latest checkpoint. The report is
+``<output_dir>/report.md`` + ``report.json`` with pictures beside them; only ``--publish true`` also copies the figures to the tracked ``bench/results/`` (a maintainer's
 step: a user's run never modifies tracked files).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import numpy as np
 from safetensors import safe_open
 
 from utils.config import die, parse_config
-from utils.io import RunDir, atomic_write_json, atomic_write_text, read_jsonl
+from utils.io import RunDir, atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
 
 @dataclass
@@ -436,12 +436,11 @@ def _loss_curves(cfg: ToyBenchmarkConfig, res: dict, pics: Path) -> dict[str, st
     from utils.visualize import plot_curves
 
     p = res["paths"]
+    base_title, base_png = (("pretrained base UNet (made once, on the toy web corpus)", "loss_pretrained_base.png")
+                            if cfg.pretrained_base else ("image VAE (base model)", "loss_image_vae.png"))
     sources = {  # title -> (metrics file, keys, x axis, picture name)
         "label VAE": (p["label_vae_run"] / "metrics.jsonl", ("loss",), "step", "loss_label_vae.png"),
-        **({"pretrained base UNet (made once, on the toy web corpus)": (
-            p["base_model"] / "metrics.jsonl", ("loss",), "step", "loss_pretrained_base.png")} if cfg.pretrained_base
-           else {"image VAE (base model)": (p["base_model"] / "metrics.jsonl", ("loss",), "step",
-                                            "loss_image_vae.png")}),
+        base_title: (p["base_model"] / "metrics.jsonl", ("loss",), "step", base_png),
         "image-only UNet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step", "loss_image_unet.png"),
         "joint UNet": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step",
                        "loss_joint_unet.png"),
@@ -506,7 +505,7 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
                                     for name in res["train_sets"]}
     if cfg.diffumask:
         _add_diffumask(report, cfg, res)
-    report["sample_pairs"] = _sample_pairs(cfg, p, pics)
+    report["sample_pairs"] = _sample_pairs(res["train_sets"], pics)
     report["pictures"] = _copy_pictures(cfg, p, pics)
     report["loss_curves"] = _loss_curves(cfg, res, pics)
     atomic_write_json(out / "report.json", report)
@@ -522,13 +521,11 @@ def published_name(cfg: ToyBenchmarkConfig) -> str:
 
 
 def publish(cfg: ToyBenchmarkConfig, report: dict, pics: Path) -> None:
-    results = Path("bench/results")
-    atomic_write_json(results / f"{published_name(cfg)}.json", report)
+    stem = Path("bench/results") / published_name(cfg)
+    atomic_write_json(f"{stem}.json", report)
     if report.get("sample_pairs"):
-        results.mkdir(parents=True, exist_ok=True)
-        tmp = results / f"{published_name(cfg)}_pairs.png.tmp"
-        shutil.copyfile(pics / report["sample_pairs"], tmp)
-        os.replace(tmp, results / f"{published_name(cfg)}_pairs.png")
+        with atomic_path(f"{stem}_pairs.png") as tmp:
+            shutil.copyfile(pics / report["sample_pairs"], tmp)
 
 
 def _segmentation_rows(seg_dir: Path, train_sets) -> dict:
@@ -612,8 +609,8 @@ def _copy_pictures(cfg: ToyBenchmarkConfig, p: dict, pics: Path) -> list[str]:
     return sorted(copied)
 
 
-SHEET_ROWS = (("real", "toy", "real toy pairs"), ("jodiffusion", "gen", "JoDiffusion, widened UNet"),
-              ("jodiffusion_uvit", "gen_uvit", "JoDiffusion, U-ViT"), ("diffumask", "diffumask", "DiffuMask"))
+SHEET_LABELS = {"real": "real toy pairs", "jodiffusion": "JoDiffusion, widened UNet",
+                "jodiffusion_uvit": "JoDiffusion, U-ViT", "diffumask": "DiffuMask"}
 
 
 def sample_pairs_sheet(sources: dict[str, Path], out_png: Path, palette, count: int = 4, tile: int = 96) -> bool:
@@ -659,12 +656,10 @@ def sample_pairs_sheet(sources: dict[str, Path], out_png: Path, palette, count: 
     return True
 
 
-def _sample_pairs(cfg: ToyBenchmarkConfig, p: dict, pics: Path) -> str | None:
-    """sample_pairs.png from the real pairs and every generator this run trained."""
-    info = _toy_info()
-    wanted = {"real"} | {BRANCHES[b].train_set for b in cfg.backbones} | ({"diffumask"} if cfg.diffumask else set())
-    sources = {label: p[key] for name, key, label in SHEET_ROWS if name in wanted}
-    return "sample_pairs.png" if sample_pairs_sheet(sources, pics / "sample_pairs.png", info.palette) else None
+def _sample_pairs(train_sets: dict[str, Path], pics: Path) -> str | None:
+    """sample_pairs.png from the real pairs and every generator this run trained (not the optimized copies)."""
+    sources = {label: train_sets[name] for name, label in SHEET_LABELS.items() if name in train_sets}
+    return "sample_pairs.png" if sample_pairs_sheet(sources, pics / "sample_pairs.png", _toy_info().palette) else None
 
 
 def _fmt(x, pct=False):

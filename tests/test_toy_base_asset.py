@@ -10,6 +10,14 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "assets" / "toy_base"
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The shipped base, loaded once for the tests that use it."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(BASE), safety_checker=None, requires_safety_checker=False)
+
+
 def test_the_shipped_weights_are_the_hashed_ones_and_fit_the_cap():
     lines = (BASE / "sha256.txt").read_text().split("\n")
     listed = dict(reversed(line.split("  ", 1)) for line in lines if line.strip())
@@ -22,10 +30,7 @@ def test_the_shipped_weights_are_the_hashed_ones_and_fit_the_cap():
     assert not list(BASE.rglob("*.bin")) and not list(BASE.rglob("*.pt*"))  # safetensors only
 
 
-def test_the_base_loads_like_stable_diffusion_and_its_documents_sit_beside_it():
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(BASE), safety_checker=None, requires_safety_checker=False)
+def test_the_base_loads_like_stable_diffusion_and_its_documents_sit_beside_it(pipe):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
     assert pipe.unet.config.block_out_channels == [64, 64, 128]
     # the command that made it, and its curve, come with it
@@ -36,15 +41,13 @@ def test_the_base_loads_like_stable_diffusion_and_its_documents_sit_beside_it():
     assert steps == sorted(set(steps)) and steps[-1] == 8000
 
 
-def test_the_base_denoises_toy_segmentation_pictures_it_never_saw():
+def test_the_base_denoises_toy_segmentation_pictures_it_never_saw(pipe):
     """Trained weights, not random ones: on toy segmentation pictures (not in its corpus) the UNet
     removes most of the noise at a middle noise level, and its caption helps."""
     import numpy as np
-    from diffusers import StableDiffusionPipeline
 
     from dataset.toy_shapes import render_toy_sample
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(BASE), safety_checker=None, requires_safety_checker=False)
     samples = [render_toy_sample(10_000 + i) for i in range(8)]
     images = torch.tensor(np.stack([s[0] for s in samples]), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
     captions = [s[2] for s in samples]

@@ -38,7 +38,7 @@ import yaml
 
 from dataset.toy_web import MAX_OBJECTS, vocabulary_captions, write_web_corpus
 from utils.config import config_to_dict, die, parse_config
-from utils.io import RunDir, atomic_write_text
+from utils.io import RunDir, atomic_write_text, read_jsonl
 from utils.visualize import plot_curves
 
 
@@ -97,17 +97,10 @@ def sha256_lines(folder: Path) -> str:
 def last_row_per_step(metrics: Path) -> str:
     """A metrics.jsonl as one curve: a run resumed from a checkpoint logs the steps after it twice;
     the later row (the run that went on) is kept, rows without a step (events) stay in order."""
-    by_step: dict[int, str] = {}
-    events = []
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line) if line.strip() else None
-        if row is None:
-            continue
-        if "step" in row:
-            by_step[int(row["step"])] = line
-        else:
-            events.append(line)
-    return "".join(line + "\n" for line in [*(by_step[k] for k in sorted(by_step)), *events])
+    rows = read_jsonl(metrics)
+    by_step = {int(r["step"]): r for r in rows if "step" in r}
+    events = [r for r in rows if "step" not in r]
+    return "".join(json.dumps(r) + "\n" for r in [*(by_step[k] for k in sorted(by_step)), *events])
 
 
 def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
