@@ -13,7 +13,6 @@ rows each process trained on (see ``_train_and_record_rows``).
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from dataset.toy_shapes import write_toy_dataset
 from models.label_vae import LabelVAE
 from tests.test_joint_training import CPU_FAST, SIZE, TINY_BASE
+from tests.torchrun import torchrun
 from utils.io import read_jsonl
 
 ITEMS, BATCH, ACCUM, PROCESSES = 48, 4, 2, 2  # a global batch of 4 x 2 x 2 = 16; 6 micro-steps an epoch
@@ -53,13 +53,7 @@ def _torchrun(world, out: Path, *extra: str) -> list[list[list[int]]]:
                        "--use_ema", "--ema_decay", "0.9", "--num_validation_images", "0", *extra]
     rows_dir = out.parent / f"{out.name}_rows"
     rows_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(PROCESSES), "-m", "tests.test_joint_multiprocess", str(rows_dir), *args],
-                          env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          # timeout: a hang guard, not a speed check (~1 min alone, several beside other jobs)
-                          timeout=600)
+    proc = torchrun("tests.test_joint_multiprocess", [rows_dir, *args], PROCESSES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((rows_dir / f"rows-{rank}.json").read_text()) for rank in range(PROCESSES)]
 
@@ -122,4 +116,7 @@ def _train_and_record_rows(rows_dir: str, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from utils.training import exit_launched_process
+
     _train_and_record_rows(sys.argv[1], sys.argv[2:])
+    exit_launched_process()  # as train.joint_diffusion's entry point does

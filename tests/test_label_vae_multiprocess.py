@@ -6,19 +6,14 @@
 diffusers in both processes (~6 s CPU each): the test takes ~18 s on a quiet 2-core machine, like
 the joint trainer's (tests/test_joint_multiprocess.py), and runs in the default suite.
 """
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.torchrun import torchrun
 from utils.io import read_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +35,10 @@ def _torchrun(root, out, **over):
                 dataloader_num_workers=0, checkpointing_steps=4, validation_steps=100,
                 validation_batch_size=8, logging_steps=1, latent_stats_samples=16)
     opts.update(over)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "train.label_vae"]
+    argv = []
     for k, v in opts.items():
         argv += [f"--{k}", *str(v).split()]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    # timeout: a hang guard, not a speed check (~1 min alone, several beside other jobs)
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun("train.label_vae", argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -126,22 +126,15 @@ def test_two_processes_train_the_uvit_and_resume_to_the_same_weights(world):
     """``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m train.joint_diffusion`` on a U-ViT folder:
     the effective batch counts both processes, only the main one writes, and a run stopped after its
     step-2 checkpoint ends with the weights of the one that was not."""
-    import os
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from tests.torchrun import torchrun as launch
 
     def torchrun(out, *extra):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-        env.update(ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         argv = args(world, out, "--train_batch_size", "4", "--learning_rate", "1e-3", "--max_train_steps", "4",
                     "--checkpointing_steps", "2", "--cache_latents", "--cache_dir", str(world / "mp_cache"),
                     "--num_validation_images", "0", "--gradient_checkpointing", "false", *extra)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "train.joint_diffusion", *argv], env=env, cwd=Path(__file__).resolve().parents[1],
-                              # timeout: a hang guard, not a speed check (~1 min alone, several beside other jobs)
-                              capture_output=True, text=True, timeout=600)
+        proc = launch("train.joint_diffusion", argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     whole, stopped = world / "mp_whole", world / "mp_stopped"

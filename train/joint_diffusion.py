@@ -37,7 +37,8 @@ from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.precision import weight_dtype
 from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights,
-                            freeze, make_adamw, make_lr_scheduler, start_run, trainable_unet, validation_grid)
+                            exit_launched_process, freeze, make_adamw, make_lr_scheduler, start_run, trainable_unet,
+                            validation_grid)
 from utils.visualize import plot_curves
 
 
@@ -297,3 +298,4 @@ def validate(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, model, step
 
 if __name__ == "__main__":
     main()
+    exit_launched_process()  # torchrun ranks: past the gloo exit hang

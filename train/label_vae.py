@@ -27,7 +27,7 @@ from utils.config import die, error_line, parse_config
 from utils.io import RunDir, atomic_write_json, save_pretrained_atomic
 from utils.precision import derive_seed, resolve_precision
 from utils.training import (EpochPermutation, LossWindow, accumulation_steps, backward_step, epoch_batches,
-                            make_lr_scheduler, start_run)
+                            exit_launched_process, make_lr_scheduler, start_run)
 
 
 @dataclass
@@ -198,3 +198,4 @@ def export(cfg: LabelVAETrainConfig, run: RunDir, model, stats_set, step: int, f
 
 if __name__ == "__main__":
     main()
+    exit_launched_process()  # torchrun ranks: past the gloo exit hang

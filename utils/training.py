@@ -10,7 +10,9 @@ Errors are ValueError with a one-line message (the entry point prints it with ``
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -188,6 +190,27 @@ def epoch_batches(accelerator, loader, first_epoch: int, skip: int, num_epochs: 
             holder.set_epoch(epoch)
         for batch_index, batch in enumerate(epoch_loader, start=start):
             yield epoch, batch_index, batch
+
+
+def exit_launched_process() -> None:
+    """End a process started by torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1) without
+    Python's interpreter finalization; a single process returns and exits normally.
+
+    Call it last in an entry point's ``__main__`` block, after the run folder is closed. At
+    finalization the DDP wrapper's Reducer drops the last reference to the gloo process group
+    (``end_training`` has already unregistered it), and ``~ProcessGroupGloo`` joins gloo's worker
+    threads while holding the GIL; a worker still releasing a finished collective's tensors waits
+    for that GIL, and the rank hangs forever after its work is done (pytorch/pytorch#56297; seen
+    here under load, a rank stuck with its run exported). Everything the run writes is closed
+    by then, so the process flushes its streams and leaves with exit status 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def start_run(cfg, mixed_precision: str, accumulation_steps: int, name: str = "jodiffusion"):
