@@ -13,6 +13,7 @@ rows each process trained on (see ``_train_and_record_rows``).
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from dataset.toy_shapes import write_toy_dataset
 from models.label_vae import LabelVAE
 from tests.test_joint_training import CPU_FAST, SIZE, TINY_BASE
-from tests.torchrun import torchrun
+from tests.torchrun import REPO, torchrun
 from utils.io import read_jsonl
 
 ITEMS, BATCH, ACCUM, PROCESSES = 48, 4, 2, 2  # a global batch of 4 x 2 x 2 = 16; 6 micro-steps an epoch
@@ -95,6 +96,35 @@ def test_two_processes_share_the_batches_and_resume_to_the_same_weights(world):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     start = _unet(world / "base" / "unet")
     assert any(not torch.equal(start[k], a[k]) for k in start if start[k].shape == a[k].shape)  # it trained
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_launched_rank_keeps_its_ddp_model_until_it_exits(world_size):
+    """Under torchrun (``WORLD_SIZE`` > 1) the trainers hold the Accelerator and the DDP model to the
+    end and leave with ``exit_launched_process``: freeing DDP after the last collective can deadlock
+    in gloo (``utils.training.hold_until_exit``). One process frees them and exits as usual."""
+    script = ("import sys\n"
+              "from utils.training import exit_launched_process, hold_until_exit\n"
+              "class Model:\n"
+              "    def __del__(self):\n"
+              "        print('freed', flush=True)\n"
+              "def train():\n"
+              "    hold_until_exit(Model())\n"
+              "    print('trained', end='')\n"
+              "    sys.stderr.write('logged')\n"
+              "train()\n"
+              "print(' returned')\n"
+              "exit_launched_process()\n"
+              "print('finalized')\n")
+    env = dict(os.environ, WORLD_SIZE=world_size)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # a hang guard (the import of torch), not a speed check
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.endswith("logged")  # buffered output is flushed before the process ends
+    if world_size == "1":
+        assert proc.stdout.split() == ["freed", "trained", "returned", "finalized"]
+    else:  # held past the return, then the process ends without finalization
+        assert proc.stdout == "trained returned\n"
 
 
 def _train_and_record_rows(rows_dir: str, argv: list[str]) -> None:

@@ -192,18 +192,36 @@ def epoch_batches(accelerator, loader, first_epoch: int, skip: int, num_epochs: 
             yield epoch, batch_index, batch
 
 
+_HELD_UNTIL_EXIT: list = []
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def hold_until_exit(*objects) -> None:
+    """In a process started by torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1), keep
+    ``objects`` (the ``Accelerator`` and the DDP-wrapped model) referenced until
+    ``exit_launched_process`` ends the process; a single process holds nothing.
+
+    Call it right after ``accelerator.prepare``. Freeing the DDP wrapper frees its Reducer, which
+    drops the last reference to the gloo process group (``end_training`` has unregistered it), and
+    ``~ProcessGroupGloo`` joins gloo's worker threads while holding the GIL. A worker still
+    releasing the last collective's work (the barrier keeps the ``all_gather_object`` before it)
+    waits for that GIL, and the rank hangs forever with its work done (pytorch/pytorch#56297).
+    Seen here as a rank stuck in ``~Reducer`` when ``train`` returned, one time in a few under
+    load: the rank that does not export reaches the free within microseconds of the last barrier."""
+    if _launched():
+        _HELD_UNTIL_EXIT.extend(objects)
+
+
 def exit_launched_process() -> None:
     """End a process started by torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1) without
-    Python's interpreter finalization; a single process returns and exits normally.
-
-    Call it last in an entry point's ``__main__`` block, after the run folder is closed. At
-    finalization the DDP wrapper's Reducer drops the last reference to the gloo process group
-    (``end_training`` has already unregistered it), and ``~ProcessGroupGloo`` joins gloo's worker
-    threads while holding the GIL; a worker still releasing a finished collective's tensors waits
-    for that GIL, and the rank hangs forever after its work is done (pytorch/pytorch#56297; seen
-    here under load, a rank stuck with its run exported). Everything the run writes is closed
-    by then, so the process flushes its streams and leaves with exit status 0."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    Python's interpreter finalization, which would free what ``hold_until_exit`` holds (and so
+    hang as its docstring says); a single process returns and exits normally. Call it last in an
+    entry point's ``__main__`` block: everything the run writes is closed by then, so the process
+    flushes its streams and leaves with exit status 0."""
+    if not _launched():
         return
     import logging
 
