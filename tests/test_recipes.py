@@ -151,8 +151,8 @@ def test_every_config_file_loads_with_its_entry_point(path):
 
 # The README's toy table: one row per results file, every figure read from that file.
 TOY_RESULTS = (("toy_benchmark_demo", "demo, shipped base"),
-               ("toy_benchmark_benchmark", "benchmark, in-chain base (before the shipped one)"),
-               ("toy_benchmark_benchmark_2x_joint", "the same, 2x joint compute"))
+               ("toy_benchmark_benchmark", "benchmark, shipped base"),
+               ("toy_benchmark_benchmark_2x_joint", "older chain, in-chain base, 2x joint compute"))
 
 
 def _toy_row(name: str, label: str) -> str:
