@@ -100,9 +100,9 @@ def test_two_processes_share_the_batches_and_resume_to_the_same_weights(world):
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_a_launched_rank_keeps_its_ddp_model_until_it_exits(world_size):
-    """Under torchrun (``WORLD_SIZE`` > 1) the trainers hold the Accelerator and the DDP model to the
+    """Under torchrun (``WORLD_SIZE`` > 1) the trainers hold what they prepared (the DDP model) to the
     end and leave with ``exit_launched_process``: freeing DDP after the last collective can deadlock
-    in gloo (``utils.training.hold_until_exit``). One process frees them and exits as usual."""
+    in gloo (``utils.training.prepare_held``). One process frees them and exits as usual."""
     script = ("import sys\n"
               "from utils.training import exit_launched_process, hold_until_exit\n"
               "class Model:\n"

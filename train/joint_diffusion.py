@@ -36,9 +36,8 @@ from utils.checkpoints import (BadFiles, SkippedSteps, close_trackers, log_step,
 from utils.config import die, error_line, parse_config
 from utils.io import RunDir
 from utils.precision import weight_dtype
-from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights,
-                            exit_launched_process, freeze, hold_until_exit, make_adamw, make_lr_scheduler, start_run,
-                            trainable_unet, validation_grid)
+from utils.training import (LossWindow, backward_step, check_8bit_adam, check_model_folders, ema_weights, exit_launched_process,
+                            freeze, make_adamw, make_lr_scheduler, prepare_held, start_run, trainable_unet, validation_grid)
 from utils.visualize import plot_curves
 
 
@@ -144,8 +143,7 @@ def train(cfg: JointDiffusionConfig) -> None:
     except ValueError as e:
         die(str(e))
     lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, max_steps, accelerator.num_processes)
-    r.unet, r.optimizer, r.lr_scheduler = accelerator.prepare(r.unet, optimizer, lr_scheduler)
-    hold_until_exit(accelerator, r.unet)  # torchrun ranks: freeing DDP can hang (utils.training)
+    r.unet, r.optimizer, r.lr_scheduler = prepare_held(accelerator, r.unet, optimizer, lr_scheduler)
     global_step = resume_step(accelerator, run, run.path, cfg.resume_from_checkpoint)
 
     r.prompts = (list(cfg.validation_prompts) or r.data.preview_captions)[: max(cfg.num_validation_images, 0)]
@@ -299,4 +297,4 @@ def validate(cfg: JointDiffusionConfig, accelerator, run: RunDir, r, model, step
 
 if __name__ == "__main__":
     main()
-    exit_launched_process()  # torchrun ranks: without freeing what hold_until_exit holds
+    exit_launched_process()  # torchrun ranks: without freeing what prepare_held holds

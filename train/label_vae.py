@@ -27,7 +27,7 @@ from utils.config import die, error_line, parse_config
 from utils.io import RunDir, atomic_write_json, save_pretrained_atomic
 from utils.precision import derive_seed, resolve_precision
 from utils.training import (EpochPermutation, LossWindow, accumulation_steps, backward_step, epoch_batches,
-                            exit_launched_process, hold_until_exit, make_lr_scheduler, start_run)
+                            exit_launched_process, make_lr_scheduler, prepare_held, start_run)
 
 
 @dataclass
@@ -96,8 +96,7 @@ def train(cfg: LabelVAETrainConfig) -> Path:
     r = build_data(cfg, info, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     # the prepared loader gives each process its own share of every epoch's batches
-    r.model, r.optimizer, r.train_loader = accelerator.prepare(model, optimizer, r.train_loader)
-    hold_until_exit(accelerator, r.model)  # torchrun ranks: freeing DDP can hang (utils.training)
+    r.model, r.optimizer, r.train_loader = prepare_held(accelerator, model, optimizer, r.train_loader)
     r.steps_per_epoch, r.accum, r.info = math.ceil(len(r.train_loader) / accum), accum, info
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * r.steps_per_epoch
     name = cfg.lr_scheduler + ("_with_warmup" if cfg.lr_scheduler == "constant" else "")
@@ -199,4 +198,4 @@ def export(cfg: LabelVAETrainConfig, run: RunDir, model, stats_set, step: int, f
 
 if __name__ == "__main__":
     main()
-    exit_launched_process()  # torchrun ranks: without freeing what hold_until_exit holds
+    exit_launched_process()  # torchrun ranks: without freeing what prepare_held holds

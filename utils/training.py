@@ -199,25 +199,32 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def hold_until_exit(*objects) -> None:
-    """In a process started by torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1), keep
-    ``objects`` (the ``Accelerator`` and the DDP-wrapped model) referenced until
-    ``exit_launched_process`` ends the process; a single process holds nothing.
+def prepare_held(accelerator, *objects):
+    """``accelerator.prepare(*objects)``; in a process started by torchrun / ``accelerate launch``
+    (``WORLD_SIZE`` > 1) the prepared objects are also held until ``exit_launched_process`` ends it.
 
-    Call it right after ``accelerator.prepare``. Freeing the DDP wrapper frees its Reducer, which
-    drops the last reference to the gloo process group (``end_training`` has unregistered it), and
-    ``~ProcessGroupGloo`` joins gloo's worker threads while holding the GIL. A worker still
-    releasing the last collective's work (the barrier keeps the ``all_gather_object`` before it)
-    waits for that GIL, and the rank hangs forever with its work done (pytorch/pytorch#56297).
-    Seen here as a rank stuck in ``~Reducer`` when ``train`` returned, one time in a few under
-    load: the rank that does not export reaches the free within microseconds of the last barrier."""
+    Freeing the DDP wrapper frees its Reducer, which drops the last reference to the gloo process
+    group (``end_training`` has unregistered it), and ``~ProcessGroupGloo`` joins gloo's worker
+    threads while holding the GIL. A worker still releasing the last collective's work (the barrier
+    keeps the ``all_gather_object`` before it) waits for that GIL, and the rank hangs forever with
+    its work done (pytorch/pytorch#56297). Seen here as a rank stuck in ``~Reducer`` when ``train``
+    returned, one time in a few under load: the rank that does not export reaches the free within
+    microseconds of the last barrier."""
+    prepared = accelerator.prepare(*objects)
+    hold_until_exit(*(prepared if len(objects) > 1 else (prepared,)))
+    return prepared
+
+
+def hold_until_exit(*objects) -> None:
+    """Keep ``objects`` referenced until ``exit_launched_process`` in a launched process (see
+    ``prepare_held``); a single process holds nothing."""
     if _launched():
         _HELD_UNTIL_EXIT.extend(objects)
 
 
 def exit_launched_process() -> None:
     """End a process started by torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1) without
-    Python's interpreter finalization, which would free what ``hold_until_exit`` holds (and so
+    Python's interpreter finalization, which would free what ``prepare_held`` holds (and so
     hang as its docstring says); a single process returns and exits normally. Call it last in an
     entry point's ``__main__`` block: everything the run writes is closed by then, so the process
     flushes its streams and leaves with exit status 0."""
