@@ -80,6 +80,9 @@ class ToyBenchmarkConfig:
     uvit_image_args: list[str] = field(default_factory=list)
     uvit_joint_config: str = field(default="configs/joint_diffusion/toy_uvit_bench.yaml")
     uvit_joint_args: list[str] = field(default_factory=list)
+    uvit_text_loss_weight: float = field(default=1.0, metadata={
+        "help": "weight of the text part in the U-ViT's loss (1 = the authors' objective); the ablation of "
+                "configs/toy_benchmark/uvit_text_weight.yaml"})
     generate_config: str = field(default="configs/generate/toy.yaml")
     generate_args: list[str] = field(default_factory=list)
     optim_thresholds: list[int] = field(default_factory=lambda: [20, 50, 100],
@@ -275,7 +278,7 @@ def _uvit_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> 
     ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
                                  "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
                                  "--output_dir", paths["uvit_joint_run"], "--seed", cfg.seed,
-                                 *RESUME, *cfg.uvit_joint_args))
+                                 "--text_loss_weight", cfg.uvit_text_loss_weight, *RESUME, *cfg.uvit_joint_args))
     generate_and_optimize(cfg, ch, paths["uvit_joint_run"] / "pipeline", paths["gen_uvit"], "uvit_")
 
 
@@ -466,6 +469,14 @@ def median_sec_per_step(metrics: Path) -> float | None:
     return float(np.median(secs)) if secs else None
 
 
+def final_losses(metrics: Path, rows: int = 5) -> dict[str, float]:
+    """The mean of each logged loss (``loss`` and every ``<part>_loss``) over a training run's last
+    ``rows`` metrics lines: where the run ended, less noisy than its last line alone."""
+    lines = [r for r in read_jsonl(metrics) if "loss" in r][-rows:]
+    keys = [k for k in (lines[-1] if lines else {}) if k == "loss" or k.endswith("_loss")]
+    return {k: float(np.mean([r[k] for r in lines if k in r])) for k in keys}
+
+
 def denoiser_parameters(pipeline: Path) -> int | None:
     """Parameters of a pipeline folder's denoiser (``unet/``), read from its safetensors headers."""
     files = sorted((Path(pipeline) / "unet").glob("*.safetensors"))
@@ -516,8 +527,10 @@ def write_report(cfg: ToyBenchmarkConfig, res: dict, run: RunDir) -> dict:
 
 
 def published_name(cfg: ToyBenchmarkConfig) -> str:
-    """bench/results/ file stem: one per profile, and one per further seed (seed 0 keeps the plain name)."""
-    return f"toy_benchmark_{cfg.profile}" + (f"_seed{cfg.seed}" if cfg.seed else "")
+    """bench/results/ file stem: one per profile, and one per further seed (seed 0 keeps the plain name)
+    and U-ViT text loss weight (1 keeps the plain name)."""
+    return (f"toy_benchmark_{cfg.profile}" + (f"_seed{cfg.seed}" if cfg.seed else "")
+            + (f"_text{cfg.uvit_text_loss_weight:g}" if cfg.uvit_text_loss_weight != 1 else ""))
 
 
 def publish(cfg: ToyBenchmarkConfig, report: dict, pics: Path) -> None:
@@ -547,6 +560,7 @@ def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
         "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
                      "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed,
                      "backbones": list(cfg.backbones),
+                     **({"uvit_text_loss_weight": cfg.uvit_text_loss_weight} if "uvit" in cfg.backbones else {}),
                      "base_model": cfg.pretrained_base or "trained inside this run (no pretrained base)"},
         "segmentation": rows,
         "prompt_mask_agreement": {},
@@ -577,6 +591,7 @@ def _backbone_entry(report: dict, backbone: str, cfg: ToyBenchmarkConfig, res: d
         "ratio_to_real": rows[b.train_set]["ratio_to_real"],
         "prompt_mask_agreement": agreement["agreement"], "image_mask_consistency": consistency["mIoU"],
         "sec_per_training_step": median_sec_per_step(p[b.joint_run] / "metrics.jsonl"),
+        "final_losses": final_losses(p[b.joint_run] / "metrics.jsonl"),
         "sec_per_generated_pair": seconds / agreement["pairs"] if seconds and agreement["pairs"] else None,
         "denoiser_parameters": denoiser_parameters(p[b.joint_run] / "pipeline")}
 
@@ -687,6 +702,12 @@ def _backbone_table(r: dict) -> list[str]:
         lines.append(f"| {BACKBONE_NAMES.get(name, name)} | {params} | {_fmt(v.get('sec_per_training_step'))} | "
                      f"{_fmt(v.get('sec_per_generated_pair'))} | {_fmt(v.get('mIoU'))} | {_fmt(v.get('ratio_to_real'))} | "
                      f"{_fmt(v.get('prompt_mask_agreement'))} | {_fmt(v.get('image_mask_consistency'))} |")
+    for name, v in b.items():
+        if v.get("final_losses"):
+            weight = r["settings"].get("uvit_text_loss_weight") if name == "uvit" else None
+            lines += ["", f"{BACKBONE_NAMES.get(name, name)}, final training losses (mean of the last 5 logged)"
+                      + (f", text loss weight {weight:g}" if weight is not None else "") + ": "
+                      + ", ".join(f"{k} {x:.4f}" for k, x in v["final_losses"].items()) + "."]
     return lines
 
 

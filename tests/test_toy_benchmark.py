@@ -312,6 +312,45 @@ def test_a_finished_unet_run_folder_resumes_and_runs_only_the_uvit_stages(tmp_pa
     assert res["times"]["joint"] == 1.0  # the finished stages keep their recorded time
 
 
+def test_uvit_text_weight_profile_trains_only_the_uvit_with_the_weight_it_is_given(tmp_path, monkeypatch):
+    from inference.generate import GenerateConfig
+    from train.joint_diffusion import JointDiffusionConfig
+
+    runs = {}
+    for weight in ("1", "0.1"):
+        cfg = _profile("uvit_text_weight", tmp_path / weight, "--uvit_text_loss_weight", weight)
+        calls = _record_stages(monkeypatch)
+        run = RunDir(cfg.output_dir)
+        run_chain(cfg, run)
+        run.close()
+        runs[weight] = (cfg, calls)
+    cfg, calls = runs["0.1"]
+    assert list(calls) == ["toy_data", "label_vae", "uvit_base", "uvit_image", "uvit_init", "uvit_joint",
+                           "uvit_generate", "uvit_optimize_masks", "seg_real", "seg_jodiffusion_uvit"]
+    # what the stages will read from their argv: the weight, the cut budget, 1000 pairs
+    joint = parse_config(JointDiffusionConfig, calls["uvit_joint"][3:])
+    assert (joint.text_loss_weight, joint.max_train_steps) == (0.1, 1500)
+    assert parse_config(JointDiffusionConfig, runs["1"][1]["uvit_joint"][3:]).text_loss_weight == 1.0
+    assert parse_config(GenerateConfig, calls["uvit_generate"][3:]).num_pairs == 1000
+    # the two runs differ only in that weight and their folders
+    other = runs["1"][1]
+    for name in calls:
+        a = [x.replace(str(tmp_path / "0.1"), "RUN") for x in calls[name]]
+        b = [x.replace(str(tmp_path / "1"), "RUN") for x in other[name]]
+        assert a == b or (name == "uvit_joint" and [x for x in a if x != "0.1"] == [x for x in b if x != "1.0"])
+    assert toy_benchmark.published_name(cfg) == "toy_benchmark_uvit_text_weight_text0.1"
+    assert toy_benchmark.published_name(runs["1"][0]) == "toy_benchmark_uvit_text_weight"
+
+
+def test_final_losses_average_each_logged_part_over_the_last_lines(tmp_path):
+    rows = [{"step": 50 * (i + 1), "loss": float(i), "text_loss": 2.0 * i, "image_loss": 1.0, "lr": 0.1}
+            for i in range(7)]
+    rows.append({"event": "finished"})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert toy_benchmark.final_losses(tmp_path / "metrics.jsonl", rows=5) == {
+        "loss": pytest.approx(4.0), "text_loss": pytest.approx(8.0), "image_loss": pytest.approx(1.0)}
+
+
 # ------------------------------------------------------------------ report: side by side, nothing tracked
 
 
@@ -406,6 +445,8 @@ def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tm
     assert "## Backbones side by side (toy figures)" in md
     assert "| U-ViT (the authors') | 0.00M | 0.500 | 3.000 | 0.600 | 0.667 |" in md
     assert "## Mask optimization (JoDiffusion U-ViT pairs)" in md
+    assert b["uvit"]["final_losses"] == {"loss": pytest.approx((1 + 1 / 2 + 1 / 3) / 3)}
+    assert "U-ViT (the authors'), final training losses (mean of the last 5 logged), text loss weight 1: loss 0.6111." in md
     published = tmp_path / "bench" / "results" / "toy_benchmark_benchmark.json"
     assert json.loads(published.read_text()) == json.loads((Path(cfg.output_dir) / "report.json").read_text())
     assert (tmp_path / "bench" / "results" / "toy_benchmark_benchmark_pairs.png").read_bytes() == \
