@@ -691,9 +691,12 @@ def _backbone_table(r: dict) -> list[str]:
     b = r.get("backbones") or {}
     if not b:
         return []
+    in_chain = str(r["settings"].get("base_model", "")).startswith("trained inside")
     lines = ["", "## Backbones side by side (toy figures)", "",
-             "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, training "
-             "budget, seed, generation settings and segmenter; the U-ViT is a tiny UniDiffuser pretrained here, "
+             "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
+             "training budget, seed, generation settings and segmenter; the U-ViT is a tiny UniDiffuser pretrained here"
+             + (", " if in_chain else " on the toy data (uvit_image), while the UNet starts from the pretrained base "
+                f"{r['settings'].get('base_model')}, so their pretraining differs; ") +
              "not UniDiffuser-v1, so this compares the two designs at toy scale, not the paper's models.", "",
              "| backbone | denoiser parameters | s / training step | s / generated pair | synthetic-only mIoU "
              "| ratio to real | prompt-mask agreement | image-mask consistency |", "|---|---|---|---|---|---|---|---|"]
@@ -738,7 +741,8 @@ def _intro_lines(r: dict) -> list[str]:
         "sees in the generated image.",
         f"- **base model**: {r['settings'].get('base_model') or 'trained inside this run'}.",
         "",
-        f"{s['num_train_pairs']} training pairs per set, {s['size']} px; segmenter `{s['segmenter']}`, "
+        f"{s['num_train_pairs']} real training pairs, each generated set as many unless Generated data says "
+        f"otherwise; {s['size']} px; segmenter `{s['segmenter']}`, "
         f"{s['segmenter_iters']} iterations for every training set; evaluated on {s['num_val']} real toy val pairs.",
     ]
 
@@ -778,9 +782,10 @@ def _segmentation_section(r: dict, info) -> list[str]:
 def _generated_data_section(r: dict) -> list[str]:
     """Each generator's agreement, consistency and speed, then both scores by prompt size."""
     lines = ["", "## Generated data", "",
-             "| generator | prompt-mask agreement | image-mask consistency (mIoU) | pairs/s |", "|---|---|---|---|"]
+             "| generator | pairs | prompt-mask agreement | image-mask consistency (mIoU) | pairs/s |",
+             "|---|---|---|---|---|"]
     for g in r["prompt_mask_agreement"]:
-        lines.append(f"| {g} | {_fmt(r['prompt_mask_agreement'][g]['agreement'])} | "
+        lines.append(f"| {g} | {r['prompt_mask_agreement'][g].get('pairs', '-')} | {_fmt(r['prompt_mask_agreement'][g]['agreement'])} | "
                      f"{_fmt(r['image_mask_consistency'][g]['mIoU'])} | "
                      f"{_fmt(r['generation'].get(g, {}).get('pairs_per_s'))} |")
     for g, a in r["prompt_mask_agreement"].items():

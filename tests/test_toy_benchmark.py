@@ -340,6 +340,18 @@ def test_uvit_text_weight_profile_trains_only_the_uvit_with_the_weight_it_is_giv
         assert a == b or (name == "uvit_joint" and [x for x in a if x != "0.1"] == [x for x in b if x != "1.0"])
     assert toy_benchmark.published_name(cfg) == "toy_benchmark_uvit_text_weight_text0.1"
     assert toy_benchmark.published_name(runs["1"][0]) == "toy_benchmark_uvit_text_weight"
+    # the widened UNet beside it, resumed in the weight-1 folder: its stages only, the same cut budget
+    folder = Path(runs["1"][0].output_dir)
+    for name in runs["1"][1]:
+        (folder / "stages" / f"{name}.json").write_text(json.dumps({"seconds": 1.0, "argv": []}))
+    both = _profile("uvit_text_weight", tmp_path / "1", "--backbones", "unet", "uvit")
+    calls = _record_stages(monkeypatch)
+    run = RunDir(both.output_dir)
+    run_chain(both, run)
+    run.close()
+    assert list(calls) == ["init_jodiffusion", "joint", "generate", "optimize_masks", "seg_jodiffusion"]
+    assert parse_config(JointDiffusionConfig, calls["joint"][3:]).max_train_steps == joint.max_train_steps
+    assert parse_config(GenerateConfig, calls["generate"][3:]).num_pairs == 1000
 
 
 def test_final_losses_average_each_logged_part_over_the_last_lines(tmp_path):
@@ -445,6 +457,8 @@ def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tm
     assert "## Backbones side by side (toy figures)" in md
     assert "| U-ViT (the authors') | 0.00M | 0.500 | 3.000 | 0.600 | 0.667 |" in md
     assert "## Mask optimization (JoDiffusion U-ViT pairs)" in md
+    assert "while the UNet starts from the pretrained base" in md and "so their pretraining differs" in md
+    assert "| jodiffusion_uvit | 5 | " in md  # each generated set's own size
     assert b["uvit"]["final_losses"] == {"loss": pytest.approx((1 + 1 / 2 + 1 / 3) / 3)}
     assert "U-ViT (the authors'), final training losses (mean of the last 5 logged), text loss weight 1: loss 0.6111." in md
     published = tmp_path / "bench" / "results" / "toy_benchmark_benchmark.json"
