@@ -694,10 +694,11 @@ def _backbone_table(r: dict) -> list[str]:
     in_chain = str(r["settings"].get("base_model", "")).startswith("trained inside")
     lines = ["", "## Backbones side by side (toy figures)", "",
              "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
-             "training budget, seed, generation settings and segmenter; the U-ViT is a tiny UniDiffuser pretrained here"
-             + (", " if in_chain else " on the toy data (uvit_image), while the UNet starts from the pretrained base "
-                f"{r['settings'].get('base_model')}, so their pretraining differs; ") +
-             "not UniDiffuser-v1, so this compares the two designs at toy scale, not the paper's models.", "",
+             "training budget, seed, generation settings and segmenter. The U-ViT is a tiny UniDiffuser (not "
+             "UniDiffuser-v1) pretrained here"
+             + ("" if in_chain else " on the toy data (uvit_image), while the UNet starts from the pretrained base "
+                f"{r['settings'].get('base_model')}, so their pretraining differs") +
+             ": this compares two toy set-ups, not the paper's models.", "",
              "| backbone | denoiser parameters | s / training step | s / generated pair | synthetic-only mIoU "
              "| ratio to real | prompt-mask agreement | image-mask consistency |", "|---|---|---|---|---|---|---|---|"]
     for name, v in b.items():
