@@ -60,7 +60,9 @@ class ToyBenchmarkConfig:
                 "pairs picture beside it (tracked; maintainers only)"})
     # data
     size: int = field(default=32, metadata={"help": "toy image side (px)"})
-    num_train: int = field(default=4000, metadata={"help": "real training pairs (= generated pairs)"})
+    num_train: int = field(default=4000, metadata={"help": "real training pairs"})
+    num_generated: int = field(default=0, metadata={
+        "help": "pairs each generator writes (JoDiffusion per backbone, DiffuMask); 0 = num_train, as many as real"})
     num_val: int = field(default=500, metadata={"help": "real val pairs (the evaluation set)"})
     pretrained_base: str = field(default="assets/toy_base", metadata={
         "help": "the pretrained text-to-image model (an SD folder) the chain starts from; '' trains a tiny "
@@ -142,6 +144,11 @@ class Chain:
 
     def py(self, module: str, *args) -> list[str]:
         return [sys.executable, "-m", module, *[str(a) for a in args]]
+
+
+def generated_pairs(cfg: ToyBenchmarkConfig) -> int:
+    """Pairs each generator writes: ``num_generated``, or as many as the real training set."""
+    return cfg.num_generated or cfg.num_train
 
 
 # every training stage continues from its latest checkpoint when the chain is rerun after a cut
@@ -260,7 +267,7 @@ def _diffumask_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path])
     """The DiffuMask baseline on the same image-drawing base model as the widened UNet's."""
     ch.stage("diffumask", ch.py("inference.diffumask", "--config", cfg.diffumask_config,
                                 "--base_model", paths["image_pipeline"], "--output_dir", paths["diffumask"],
-                                "--num_pairs", cfg.num_train, "--seed", cfg.seed, *cfg.diffumask_args))
+                                "--num_pairs", generated_pairs(cfg), "--seed", cfg.seed, *cfg.diffumask_args))
 
 
 def _uvit_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
@@ -316,7 +323,7 @@ def generate_and_optimize(cfg: ToyBenchmarkConfig, ch: Chain, pipeline: Path, ge
     toy = chain_paths(cfg)["toy"]
     ch.stage(f"{prefix}generate", ch.py("inference.generate", "--config", cfg.generate_config,
                                         "--pipeline", pipeline, "--dataset", "toy", "--data_root", toy,
-                                        "--num_pairs", cfg.num_train, "--output_dir", gen,
+                                        "--num_pairs", generated_pairs(cfg), "--output_dir", gen,
                                         "--seed", cfg.seed, "--cpu_threads", cfg.cpu_threads, *cfg.generate_args))
     ch.stage(f"{prefix}optimize_masks", ch.py("inference.optimize_masks", "--input", gen,
                                               "--thresholds", *cfg.optim_thresholds,
@@ -469,7 +476,10 @@ def median_sec_per_step(metrics: Path) -> float | None:
     return float(np.median(secs)) if secs else None
 
 
-def final_losses(metrics: Path, rows: int = 5) -> dict[str, float]:
+FINAL_LOSS_ROWS = 5  # metrics lines averaged into a run's final losses
+
+
+def final_losses(metrics: Path, rows: int = FINAL_LOSS_ROWS) -> dict[str, float]:
     """The mean of each logged loss (``loss`` and every ``<part>_loss``) over a training run's last
     ``rows`` metrics lines: where the run ended, less noisy than its last line alone."""
     lines = [r for r in read_jsonl(metrics) if "loss" in r][-rows:]
@@ -552,16 +562,20 @@ def _segmentation_rows(seg_dir: Path, train_sets) -> dict:
     return rows
 
 
+IN_CHAIN_BASE = "trained inside this run (no pretrained base)"  # settings.base_model without a pretrained base
+
+
 def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
     """The report's settings and segmentation rows, with the per-generator sections still empty."""
     return {
         "profile": cfg.profile,
         "toy_figures_note": "Toy figures from the built-in shapes dataset on a 2-core CPU; not the paper's numbers.",
-        "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_val": cfg.num_val,
+        "settings": {"size": cfg.size, "num_train_pairs": cfg.num_train, "num_generated_pairs": generated_pairs(cfg),
+                     "num_val": cfg.num_val,
                      "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed,
                      "backbones": list(cfg.backbones),
                      **({"uvit_text_loss_weight": cfg.uvit_text_loss_weight} if "uvit" in cfg.backbones else {}),
-                     "base_model": cfg.pretrained_base or "trained inside this run (no pretrained base)"},
+                     "base_model": cfg.pretrained_base or IN_CHAIN_BASE},
         "segmentation": rows,
         "prompt_mask_agreement": {},
         "image_mask_consistency": {},
@@ -691,7 +705,7 @@ def _backbone_table(r: dict) -> list[str]:
     b = r.get("backbones") or {}
     if not b:
         return []
-    in_chain = str(r["settings"].get("base_model", "")).startswith("trained inside")
+    in_chain = r["settings"].get("base_model") == IN_CHAIN_BASE
     lines = ["", "## Backbones side by side (toy figures)", "",
              "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
              "training budget, seed, generation settings and segmenter. The U-ViT is a tiny UniDiffuser (not "
@@ -709,7 +723,7 @@ def _backbone_table(r: dict) -> list[str]:
     for name, v in b.items():
         if v.get("final_losses"):
             weight = r["settings"].get("uvit_text_loss_weight") if name == "uvit" else None
-            lines += ["", f"{BACKBONE_NAMES.get(name, name)}, final training losses (mean of the last 5 logged)"
+            lines += ["", f"{BACKBONE_NAMES.get(name, name)}, final training losses (mean of the last {FINAL_LOSS_ROWS} logged)"
                       + (f", text loss weight {weight:g}" if weight is not None else "") + ": "
                       + ", ".join(f"{k} {x:.4f}" for k, x in v["final_losses"].items()) + "."]
     return lines
@@ -742,8 +756,9 @@ def _intro_lines(r: dict) -> list[str]:
         "sees in the generated image.",
         f"- **base model**: {r['settings'].get('base_model') or 'trained inside this run'}.",
         "",
-        f"{s['num_train_pairs']} real training pairs, each generated set as many unless Generated data says "
-        f"otherwise; {s['size']} px; segmenter `{s['segmenter']}`, "
+        f"{s['num_train_pairs']} real training pairs"
+        + (f", {s['num_generated_pairs']} generated per generator" if "num_generated_pairs" in s else "")
+        + f", {s['size']} px; segmenter `{s['segmenter']}`, "
         f"{s['segmenter_iters']} iterations for every training set; evaluated on {s['num_val']} real toy val pairs.",
     ]
 
