@@ -17,6 +17,9 @@ With ``backbones: [unet, uvit]`` the authors' backbone runs beside it on the sam
 VAE, base VAE + text encoder, budget, seed and generation settings: a tiny UniDiffuser
 (``train.toy_unidiffuser_base``) -> image-only pretraining -> ``inference.uvit_init`` -> joint
 training -> generation -> mask optimization -> its segmenters; the report puts both side by side.
+``--pretrained_uvit_base`` starts the U-ViT from a toy UniDiffuser pretrained the way the shipped
+base was (``train.toy_web_base --backbone uvit``: the same web corpus and image steps) instead:
+the side-by-side at equal pretraining (``configs/toy_benchmark/equal_pretraining.yaml``).
 
 Every stage runs as its own process (the real entry points, exactly as a user runs them), logs
 to ``<output_dir>/logs/<stage>.log`` and leaves ``<output_dir>/stages/<stage>.json`` when it
@@ -77,6 +80,10 @@ class ToyBenchmarkConfig:
     joint_config: str = field(default="configs/joint_diffusion/toy_bench.yaml")
     joint_args: list[str] = field(default_factory=list)
     # the U-ViT branch: a tiny UniDiffuser on the base model's VAE + text encoder, the same budget
+    pretrained_uvit_base: str = field(default="", metadata={
+        "help": "a pretrained toy UniDiffuser folder the U-ViT starts from (runs/toy_web_uvit_base/model, made by "
+                "`python -m train.toy_web_base --backbone uvit` like the shipped base), skipping uvit_base and "
+                "uvit_image; '' pretrains one inside the chain on the toy data"})
     uvit_base_args: list[str] = field(default_factory=list)
     uvit_image_config: str = field(default="configs/joint_diffusion/toy_unidiffuser_image.yaml")
     uvit_image_args: list[str] = field(default_factory=list)
@@ -192,12 +199,18 @@ def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
         paths.update(base_model=Path(cfg.pretrained_base), image_pipeline=Path(cfg.pretrained_base))
     else:
         paths["image_pipeline"] = paths["image_unet_run"] / "pipeline"
+    # the image-pretrained UniDiffuser the U-ViT's step 0 starts from, and that pretraining's metrics
+    paths["uvit_pretrained"] = Path(cfg.pretrained_uvit_base or paths["uvit_image_run"] / "pipeline")
+    paths["uvit_pretraining_metrics"] = (Path(cfg.pretrained_uvit_base) / "metrics.jsonl" if cfg.pretrained_uvit_base
+                                         else paths["uvit_image_run"] / "metrics.jsonl")
     return paths
 
 
 def run_chain(cfg: ToyBenchmarkConfig, run: RunDir) -> dict:
     if cfg.pretrained_base:
         check_pretrained_base(Path(cfg.pretrained_base))
+    if cfg.pretrained_uvit_base and "uvit" in cfg.backbones:
+        check_pretrained_uvit_base(Path(cfg.pretrained_uvit_base), cfg.pretrained_base)
     ch = Chain(cfg, run)
     paths = chain_paths(cfg)
     _shared_stages(cfg, ch, paths)
@@ -242,6 +255,33 @@ def check_pretrained_base(base: Path) -> None:
             f"and copy runs/toy_web_base/model/ there, or pass --pretrained_base '' to train one in the chain")
 
 
+def _file_digests(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder``."""
+    import hashlib
+
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def check_pretrained_uvit_base(folder: Path, sd_base: str) -> None:
+    """A clear error, before any stage runs, unless ``folder`` is a UniDiffuser folder sharing the SD
+    base's image VAE, text encoder and tokenizer byte for byte (what the side-by-side claims)."""
+    how = f"make it with `python -m train.toy_web_base --backbone uvit --sd_base {sd_base or '<the SD base>'}`"
+    index = folder / "model_index.json"
+    if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "UniDiffuserPipeline":
+        die(f"{folder}: not a UniDiffuser folder (no model_index.json naming UniDiffuserPipeline); "
+            f"pretrained_uvit_base must be one: {how}")
+    if not sd_base:
+        die(f"pretrained_uvit_base {folder}: needs a pretrained_base whose image VAE and text encoder it shares; "
+            "the base trained inside the chain is not the one it was made from")
+    from models.toy_unidiffuser import COPIED_FROM_SD_BASE  # SD base part -> UniDiffuser part
+
+    shared = {sd: ours for sd, ours in COPIED_FROM_SD_BASE.items() if sd != "scheduler"}
+    differ = [ours for sd, ours in shared.items() if _file_digests(folder / ours) != _file_digests(Path(sd_base) / sd)]
+    if differ:
+        die(f"{folder}: its {', '.join(differ)} differ from {sd_base}'s, so the backbones would not share them; {how}")
+
+
 def _image_unet_stage(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> None:
     """Image-only UNet pretraining on the base model (stands in for Stable Diffusion's pretraining)."""
     ch.stage("image_unet", ch.py("train.joint_diffusion", "--config", cfg.image_unet_config, "--mode", "image",
@@ -274,13 +314,14 @@ def _uvit_branch(cfg: ToyBenchmarkConfig, ch: Chain, paths: dict[str, Path]) -> 
     """The authors' U-ViT: a tiny UniDiffuser sharing the base model's image VAE and text encoder,
     pretrained image-only like the UNet, then given the label stream by the authors' step 0."""
     toy, label_vae = paths["toy"], paths["label_vae_run"] / "label_vae"
-    ch.stage("uvit_base", ch.py("train.toy_unidiffuser_base", "--sd_base", paths["base_model"],
-                                "--output_dir", paths["uvit_base"], "--seed", cfg.seed, *cfg.uvit_base_args))
-    ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
-                                 "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
-                                 "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
-                                 *RESUME, *cfg.uvit_image_args))
-    ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_image_run"] / "pipeline",
+    if not cfg.pretrained_uvit_base:
+        ch.stage("uvit_base", ch.py("train.toy_unidiffuser_base", "--sd_base", paths["base_model"],
+                                    "--output_dir", paths["uvit_base"], "--seed", cfg.seed, *cfg.uvit_base_args))
+        ch.stage("uvit_image", ch.py("train.joint_diffusion", "--config", cfg.uvit_image_config, "--mode", "image",
+                                     "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_base"],
+                                     "--output_dir", paths["uvit_image_run"], "--seed", cfg.seed,
+                                     *RESUME, *cfg.uvit_image_args))
+    ch.stage("uvit_init", ch.py("inference.uvit_init", "--unidiffuser", paths["uvit_pretrained"],
                                 "--label_vae", label_vae, "--output_dir", paths["uvit_init"]))
     ch.stage("uvit_joint", ch.py("train.joint_diffusion", "--config", cfg.uvit_joint_config, "--mode", "joint",
                                  "--dataset", "toy", "--data_root", toy, "--pretrained_model", paths["uvit_init"],
@@ -454,8 +495,7 @@ def _loss_curves(cfg: ToyBenchmarkConfig, res: dict, pics: Path) -> dict[str, st
         "image-only UNet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step", "loss_image_unet.png"),
         "joint UNet": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step",
                        "loss_joint_unet.png"),
-        "image-only U-ViT (UniDiffuser)": (p["uvit_image_run"] / "metrics.jsonl", ("loss",), "step",
-                                           "loss_image_uvit.png"),
+        "image-only U-ViT (UniDiffuser)": (p["uvit_pretraining_metrics"], ("loss",), "step", "loss_image_uvit.png"),
         "joint U-ViT": (p["uvit_joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss", "text_loss",
                                                                 "clip_loss"), "step", "loss_joint_uvit.png"),
     }
@@ -563,6 +603,25 @@ def _segmentation_rows(seg_dir: Path, train_sets) -> dict:
 
 
 IN_CHAIN_BASE = "trained inside this run (no pretrained base)"  # settings.base_model without a pretrained base
+IN_CHAIN_UVIT_BASE = "pretrained inside this run on the toy data (uvit_image)"  # settings.uvit_base without one
+
+
+def pretraining_of(base: str) -> dict | None:
+    """How a base made by ``train.toy_web_base`` was pretrained (from its ``config.yaml``): corpus,
+    pictures, seed, image steps, batch, rate, schedule; None for a folder without that record."""
+    import yaml
+
+    record = Path(base) / "config.yaml" if base else None
+    if record is None or not record.is_file():
+        return None
+    c = yaml.safe_load(record.read_text()) or {}
+    web, image = c.get("toy_web_base") or {}, c.get("image_diffusion") or {}
+    if not web or not image:
+        return None
+    return {"corpus": image.get("dataset"), "pictures": web.get("num_images"), "seed": web.get("seed"),
+            "image_steps": image.get("max_train_steps"), "batch": image.get("train_batch_size"),
+            "learning_rate": image.get("learning_rate"), "lr_scheduler": image.get("lr_scheduler"),
+            "lr_warmup_steps": image.get("lr_warmup_steps")}
 
 
 def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
@@ -575,7 +634,11 @@ def _report_skeleton(cfg: ToyBenchmarkConfig, rows: dict, times: dict) -> dict:
                      "segmenter": cfg.seg_config, "segmenter_iters": cfg.seg_iters, "seed": cfg.seed,
                      "backbones": list(cfg.backbones),
                      **({"uvit_text_loss_weight": cfg.uvit_text_loss_weight} if "uvit" in cfg.backbones else {}),
-                     "base_model": cfg.pretrained_base or IN_CHAIN_BASE},
+                     "base_model": cfg.pretrained_base or IN_CHAIN_BASE,
+                     **({"uvit_base": cfg.pretrained_uvit_base or IN_CHAIN_UVIT_BASE,
+                         "pretraining": {"unet": pretraining_of(cfg.pretrained_base),
+                                         "uvit": pretraining_of(cfg.pretrained_uvit_base)}}
+                        if "uvit" in cfg.backbones else {})},
         "segmentation": rows,
         "prompt_mask_agreement": {},
         "image_mask_consistency": {},
@@ -705,14 +768,11 @@ def _backbone_table(r: dict) -> list[str]:
     b = r.get("backbones") or {}
     if not b:
         return []
-    in_chain = r["settings"].get("base_model") == IN_CHAIN_BASE
     lines = ["", "## Backbones side by side (toy figures)", "",
              "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
              "training budget, seed, generation settings and segmenter. The U-ViT is a tiny UniDiffuser (not "
-             "UniDiffuser-v1) pretrained here"
-             + ("" if in_chain else " on the toy data (uvit_image), while the UNet starts from the pretrained base "
-                f"{r['settings'].get('base_model')}, so their pretraining differs") +
-             ": this compares two toy set-ups, not the paper's models.", "",
+             f"UniDiffuser-v1) {_uvit_pretraining(r['settings'])}: this compares two toy set-ups, not the paper's "
+             "models.", "",
              "| backbone | denoiser parameters | s / training step | s / generated pair | synthetic-only mIoU "
              "| ratio to real | prompt-mask agreement | image-mask consistency |", "|---|---|---|---|---|---|---|---|"]
     for name, v in b.items():
@@ -727,6 +787,23 @@ def _backbone_table(r: dict) -> list[str]:
                       + (f", text loss weight {weight:g}" if weight is not None else "") + ": "
                       + ", ".join(f"{k} {x:.4f}" for k, x in v["final_losses"].items()) + "."]
     return lines
+
+
+def _uvit_pretraining(s: dict) -> str:
+    """Where the U-ViT's pretraining stands against the UNet's, for the side-by-side's caption."""
+    base, uvit_base = s.get("base_model"), s.get("uvit_base", IN_CHAIN_UVIT_BASE)
+    if uvit_base == IN_CHAIN_UVIT_BASE:
+        return ("pretrained here" if base == IN_CHAIN_BASE else
+                f"pretrained here on the toy data (uvit_image), while the UNet starts from the pretrained base "
+                f"{base}, so their pretraining differs")
+    ours, theirs = (s.get("pretraining") or {}).get("uvit"), (s.get("pretraining") or {}).get("unet")
+    start = f"starting from {uvit_base}, pretrained image-only like the UNet's base {base}"
+    if ours and ours == theirs:
+        return (f"{start}: the same {ours['image_steps']} steps of {ours['batch']} (rate {ours['learning_rate']:g}, "
+                f"{ours['lr_scheduler']}) on the same toy web corpus ({ours['pictures']} pictures, seed {ours['seed']}), "
+                "so their pretraining is equal")
+    differ = sorted(k for k in set(ours or {}) | set(theirs or {}) if (ours or {}).get(k) != (theirs or {}).get(k))
+    return f"{start}, but their pretraining differs ({', '.join(differ) or 'no record of either'})"
 
 
 def render_markdown(r: dict, info) -> str:

@@ -198,8 +198,11 @@ def test_backbones_rejects_an_unknown_name_in_one_line(tmp_path, capsys):
 def _record_stages(monkeypatch) -> dict[str, list[str]]:
     """Run the chain's stages as recorded argv (no process starts): stage name -> argv."""
     calls = {}
+    real_run = toy_benchmark.subprocess.run
 
     def fake_run(argv, **kwargs):
+        if not hasattr(kwargs.get("stdout"), "name"):  # not a stage: matplotlib's first import asks fc-list
+            return real_run(argv, **kwargs)
         log = Path(kwargs["stdout"].name)
         calls[log.stem] = [str(a) for a in argv]
         return SimpleNamespace(returncode=0)
@@ -354,6 +357,69 @@ def test_uvit_text_weight_profile_trains_only_the_uvit_with_the_weight_it_is_giv
     assert parse_config(GenerateConfig, calls["generate"][3:]).num_pairs == 1000
 
 
+def _fake_uvit_base(tmp_path, base: Path) -> Path:
+    """A pretrained toy UniDiffuser folder as the chain checks it: UniDiffuser's model_index.json, the
+    SD base's VAE, text encoder and tokenizer copied (as ``train.toy_unidiffuser_base`` does), a U-ViT."""
+    import shutil
+
+    from models.toy_unidiffuser import COPIED_FROM_SD_BASE
+
+    folder = tmp_path / "uvit_web_base"
+    for sd_part, ours in COPIED_FROM_SD_BASE.items():
+        shutil.copytree(base / sd_part, folder / ours)
+    (folder / "unet").mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "UniDiffuserPipeline"}))
+    return folder
+
+
+def test_equal_pretraining_profile_starts_the_uvit_from_its_web_base_at_the_unets_budget(tmp_path, monkeypatch):
+    from inference.generate import GenerateConfig
+    from train.joint_diffusion import JointDiffusionConfig
+
+    shipped = parse_config(ToyBenchmarkConfig, ["--config", str(REPO / "configs/toy_benchmark/equal_pretraining.yaml")])
+    assert shipped.pretrained_base == "assets/toy_base" and shipped.backbones == ["unet", "uvit"]
+    # the profile looks where the command its header gives writes the base
+    header = (REPO / "configs/toy_benchmark/equal_pretraining.yaml").read_text()
+    assert "python -m train.toy_web_base --backbone uvit --output_dir runs/toy_web_uvit_base" in header
+    assert shipped.pretrained_uvit_base == "runs/toy_web_uvit_base/model"
+
+    uvit = _fake_uvit_base(tmp_path, _fake_base(tmp_path))
+    cfg = _profile("equal_pretraining", tmp_path, "--pretrained_uvit_base", str(uvit))
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    run_chain(cfg, run)
+    run.close()
+    # nothing pretrains inside the chain: both backbones start from their web-pretrained bases
+    assert list(calls) == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate", "optimize_masks",
+                           "uvit_init", "uvit_joint", "uvit_generate", "uvit_optimize_masks",
+                           "seg_real", "seg_jodiffusion", "seg_jodiffusion_uvit"]
+    assert _flag(calls["uvit_init"], "--unidiffuser") == str(uvit)
+    assert _flag(calls["init_jodiffusion"], "--base_model") == cfg.pretrained_base
+    joint, uvit_joint = (parse_config(JointDiffusionConfig, calls[n][3:]) for n in ("joint", "uvit_joint"))
+    assert joint.max_train_steps == uvit_joint.max_train_steps == 1500 and joint.seed == uvit_joint.seed == 0
+    assert {parse_config(GenerateConfig, calls[n][3:]).num_pairs for n in ("generate", "uvit_generate")} == {1000}
+
+
+def test_a_uvit_base_that_does_not_share_the_sd_bases_parts_is_refused_before_any_stage(tmp_path, monkeypatch,
+                                                                                       capsys):
+    base = _fake_base(tmp_path)
+    uvit = _fake_uvit_base(tmp_path, base)
+    save_file({"w": torch.ones(1)}, str(uvit / "vae" / "model.safetensors"))  # another image VAE
+    calls = _record_stages(monkeypatch)
+    for folder, said in ((uvit, "vae differ from"), (base, "not a UniDiffuser folder")):
+        cfg = _profile("equal_pretraining", tmp_path, "--pretrained_uvit_base", str(folder))
+        with pytest.raises(SystemExit):
+            run_chain(cfg, RunDir(cfg.output_dir))
+        err = capsys.readouterr().err
+        assert str(folder) in err and said in err and "train.toy_web_base --backbone uvit" in err, err
+    cfg = _profile("equal_pretraining", tmp_path, "--pretrained_uvit_base", str(uvit), "--pretrained_base", "")
+    with pytest.raises(SystemExit):
+        run_chain(cfg, RunDir(cfg.output_dir))
+    assert "needs a pretrained_base" in capsys.readouterr().err
+    assert calls == {}
+
+
 def test_final_losses_average_each_logged_part_over_the_last_lines(tmp_path):
     rows = [{"step": 50 * (i + 1), "loss": float(i), "text_loss": 2.0 * i, "image_loss": 1.0, "lr": 0.1}
             for i in range(7)]
@@ -468,6 +534,48 @@ def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tm
     # a second seed is published beside the first, never over it
     cfg2 = _profile("bench", tmp_path, "--publish", "true", "--seed", "1")
     assert toy_benchmark.published_name(cfg2) == "toy_benchmark_benchmark_seed1"
+
+
+def _pretraining_record(folder: Path, steps: int) -> None:
+    """The config.yaml ``train.toy_web_base`` leaves in a base it made (the parts the report reads)."""
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "toy_web_base": {"num_images": 20000, "seed": 0, "max_train_steps": steps},
+        "image_diffusion": {"dataset": "toy_web", "max_train_steps": steps, "train_batch_size": 32,
+                            "learning_rate": 0.002, "lr_scheduler": "cosine", "lr_warmup_steps": 200}}))
+
+
+def test_report_says_whether_the_backbones_pretraining_is_equal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = _fake_base(tmp_path)
+    uvit = _fake_uvit_base(tmp_path, base)
+    _pretraining_record(base, 8000)
+    _pretraining_record(uvit, 8000)
+    (uvit / "metrics.jsonl").write_text("".join(json.dumps({"step": 50 * i, "loss": 1 / i}) + "\n" for i in range(1, 4)))
+    cfg = _profile("equal_pretraining", tmp_path, "--pretrained_uvit_base", str(uvit))
+    _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    res = run_chain(cfg, run)
+    _fill_fake_run(res, 5, {"joint_run": [0.3], "uvit_joint_run": [0.5]}, {"joint_run": [(3,)], "uvit_joint_run": [(2,)]})
+    _blank_predict(monkeypatch)
+    report = write_report(cfg, res, run)
+    run.close()
+    s = report["settings"]
+    assert s["uvit_base"] == str(uvit) and s["pretraining"]["uvit"] == s["pretraining"]["unet"]
+    assert s["pretraining"]["uvit"]["image_steps"] == 8000 and s["pretraining"]["uvit"]["corpus"] == "toy_web"
+    md = (Path(cfg.output_dir) / "report.md").read_text()
+    assert (f"starting from {uvit}, pretrained image-only like the UNet's base {base}: the same 8000 steps of 32 "
+            "(rate 0.002, cosine) on the same toy web corpus (20000 pictures, seed 0), so their pretraining is equal") in md
+    assert "so their pretraining differs" not in md
+    # the U-ViT's image-only curve is its base's, as the UNet's is the shipped base's
+    assert report["loss_curves"]["image-only U-ViT (UniDiffuser)"] == "loss_image_uvit.png"
+    # a shorter U-ViT pretraining is named, never called equal
+    _pretraining_record(uvit, 600)
+    settings = dict(s, pretraining={"unet": toy_benchmark.pretraining_of(str(base)),
+                                    "uvit": toy_benchmark.pretraining_of(str(uvit))})
+    said = toy_benchmark._uvit_pretraining(settings)
+    assert said.endswith("but their pretraining differs (image_steps)") and "equal" not in said
 
 
 def test_report_opens_with_a_sheet_of_sample_pairs_per_method(tmp_path, monkeypatch):

@@ -173,6 +173,33 @@ def test_base_command_end_to_end_writes_a_loadable_hashed_sd_folder_and_resumes(
     assert (model / "vae/diffusion_pytorch_model.safetensors").read_bytes() == vae_before
 
 
+@pytest.mark.slow  # ~1 min: two subprocess stages
+def test_uvit_base_command_pretrains_a_unidiffuser_on_the_same_corpus_sharing_the_sd_bases_parts(tmp_path):
+    from bench.toy_benchmark import check_pretrained_uvit_base, pretraining_of
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "uvit_base"
+    main(["--config", str(cfg), "--output_dir", str(out), "--backbone", "uvit"])
+    model = out / "model"
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "UniDiffuserPipeline"
+    # the toy benchmark takes it: the shipped base's VAE, text encoder and tokenizer, byte for byte
+    check_pretrained_uvit_base(model, "assets/toy_base")
+    # its record: the same corpus and the stage-3 budget the UNet base's recipe gives (here TINY's)
+    assert pretraining_of(str(model)) == {"corpus": "toy_web", "pictures": 48, "seed": 0, "image_steps": 4,
+                                          "batch": 8, "learning_rate": 0.002, "lr_scheduler": "cosine",
+                                          "lr_warmup_steps": 1}
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    assert config["image_diffusion"]["pretrained_model"] == str(out / "base_init") and config["base_model"] is None
+    assert (out / "corpus" / "toy_web.json").exists() and (model / "training_curve.png").stat().st_size > 1000
+    # the U-ViT trained: its weights left the untrained ones; the hashes list every weights file
+    trained = (model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert trained != (out / "base_init/unet/diffusion_pytorch_model.safetensors").read_bytes()
+    listed = dict(line.split("  ")[::-1] for line in (model / "sha256.txt").read_text().splitlines())
+    assert listed["unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(trained).hexdigest()
+    assert {"vae/diffusion_pytorch_model.safetensors", "text_decoder/diffusion_pytorch_model.safetensors"} <= set(listed)
+
+
 def test_a_resumed_runs_metrics_become_one_curve(tmp_path):
     from train.toy_web_base import last_row_per_step
 

@@ -21,6 +21,17 @@ loads it) with ``config.yaml`` (this command's settings and both stages' resolve
 ``sha256.txt`` (every weights file). Rerunning the same command resumes: the corpus and the
 VAE are kept, the UNet continues from its latest checkpoint (a larger ``--max_train_steps``
 trains longer).
+
+``--backbone uvit`` makes the U-ViT's counterpart of that base, for a side-by-side at equal
+pretraining (``bench.toy_benchmark --pretrained_uvit_base``):
+
+    python -m train.toy_web_base --backbone uvit --output_dir runs/toy_web_uvit_base
+
+the same corpus (same seed and size), stage 2 is ``train.toy_unidiffuser_base`` on ``--sd_base``
+(the UniDiffuser shares that base's image VAE, text encoder and tokenizer, byte for byte), and
+stage 3 pretrains its U-ViT with UniDiffuser's objective on the same budget: steps, batch, rate
+and schedule. ``model/`` is then a UniDiffuser folder (no samples: it draws pictures only after
+``inference.uvit_init``). ~0.45 s a step here: ~65 minutes with the corpus.
 """
 from __future__ import annotations
 
@@ -41,12 +52,21 @@ from utils.config import config_to_dict, die, parse_config
 from utils.io import RunDir, atomic_write_text, read_jsonl
 from utils.visualize import plot_curves
 
+# stage 3's profile per backbone: the same budget (batch 32, rate 2e-3, cosine), each with its own objective
+IMAGE_DIFFUSION_CONFIGS = {"unet": "configs/joint_diffusion/toy_image_bench.yaml",
+                           "uvit": "configs/joint_diffusion/toy_unidiffuser_image.yaml"}
+
 
 @dataclass
 class ToyWebBaseConfig:
     """Build the pretrained toy base model: web corpus -> image VAE + text parts -> image-only UNet."""
 
     output_dir: str = field(default="runs/toy_web_base", metadata={"help": "run folder (the base lands in model/)"})
+    backbone: str = field(default="unet", metadata={
+        "help": "unet: the SD-layout base (assets/toy_base); uvit: a toy UniDiffuser pretrained the same way",
+        "choices": tuple(IMAGE_DIFFUSION_CONFIGS)})
+    sd_base: str = field(default="assets/toy_base", metadata={
+        "help": "backbone uvit: the SD base whose image VAE, text encoder and tokenizer the UniDiffuser shares"})
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus folder (default: <output_dir>/corpus)"})
     # 20000 pictures x 2 flips: ~13 epochs of the UNet's 8000 steps of 32
     num_images: int = field(default=20000, metadata={"help": "pictures in the web corpus"})
@@ -56,8 +76,9 @@ class ToyWebBaseConfig:
     base_model_config: str = field(default="configs/toy_base_model/web.yaml",
                                    metadata={"help": "train.toy_base_model profile (VAE, text encoder, UNet shape)"})
     base_model_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for that stage"})
-    image_diffusion_config: str = field(default="configs/joint_diffusion/toy_image_bench.yaml",
-                                        metadata={"help": "train.joint_diffusion profile (run with --mode image)"})
+    image_diffusion_config: str = field(default="", metadata={
+        "help": "train.joint_diffusion profile (run with --mode image); '' = the backbone's: "
+                + ", ".join(f"{k} {v}" for k, v in IMAGE_DIFFUSION_CONFIGS.items())})
     image_diffusion_args: list[str] = field(
         default_factory=lambda: ["--lr_warmup_steps", "200", "--checkpointing_steps", "500", "--logging_steps", "50"],
         metadata={"help": "extra flags for that stage"})
@@ -109,15 +130,19 @@ def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(unet_run / "pipeline", model)
+    # the UniDiffuser writer trains nothing: its settings are this command's (sd_base, seed)
+    trained_init = (base_init / "config.yaml").exists()
     configs = {"command": " ".join(["python -m train.toy_web_base", *argv]),
                "toy_web_base": config_to_dict(cfg),
-               "base_model": yaml.safe_load((base_init / "config.yaml").read_text()),
+               "base_model": yaml.safe_load((base_init / "config.yaml").read_text()) if trained_init else None,
                "image_diffusion": yaml.safe_load((unet_run / "config.yaml").read_text())}
     atomic_write_text(model / "config.yaml", yaml.safe_dump(configs, sort_keys=False))
     atomic_write_text(model / "metrics.jsonl", last_row_per_step(unet_run / "metrics.jsonl"))
-    shutil.copy(base_init / "metrics.jsonl", model / "vae_metrics.jsonl")
+    if trained_init:
+        shutil.copy(base_init / "metrics.jsonl", model / "vae_metrics.jsonl")
+    denoiser = {"unet": "UNet", "uvit": "U-ViT (UniDiffuser objective)"}[cfg.backbone]
     plot_curves(model / "metrics.jsonl", model / "training_curve.png", keys=("loss",), smooth=5,
-                title="toy web base: image-only UNet loss")
+                title=f"toy web base: image-only {denoiser} loss")
     grids = sorted((unet_run / "validation").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
     if grids:
         shutil.copy(grids[-1], model / "samples.png")
@@ -148,20 +173,29 @@ def main(argv=None) -> None:
     else:
         if base_init.exists():  # a stage cut short: its folder holds no model yet, start it again
             shutil.rmtree(base_init)
-        run_stage(run, "base_model", "train.toy_base_model",
-                  ["--config", cfg.base_model_config, *common, "--vocabulary_file", str(vocabulary),
-                   "--output_dir", str(base_init), *cfg.base_model_args], base_init)
+        if cfg.backbone == "uvit":
+            run_stage(run, "base_model", "train.toy_unidiffuser_base",
+                      ["--sd_base", cfg.sd_base, "--output_dir", str(base_init), "--seed", str(cfg.seed)], base_init)
+        else:
+            run_stage(run, "base_model", "train.toy_base_model",
+                      ["--config", cfg.base_model_config, *common, "--vocabulary_file", str(vocabulary),
+                       "--output_dir", str(base_init), *cfg.base_model_args], base_init)
 
     unet_run = out / "image_diffusion"
+    image_config = cfg.image_diffusion_config or IMAGE_DIFFUSION_CONFIGS[cfg.backbone]
     run_stage(run, "image_diffusion", "train.joint_diffusion",
-              ["--config", cfg.image_diffusion_config, "--mode", "image", *common, "--pretrained_model",
+              ["--config", image_config, "--mode", "image", *common, "--pretrained_model",
                str(base_init), "--output_dir", str(unet_run), "--resume_from_checkpoint", "latest",
                *cfg.image_diffusion_args, "--max_train_steps", str(cfg.max_train_steps)], unet_run)
 
     model = export_model(cfg, list(sys.argv[1:] if argv is None else argv), out)
     size = sum(p.stat().st_size for p in model.rglob("*.safetensors"))
-    run.log(f"wrote the base model to {model} ({size / 2**20:.1f} MiB of weights; load it with "
-            f"StableDiffusionPipeline.from_pretrained); copy it to assets/toy_base/ to ship it")
+    if cfg.backbone == "uvit":
+        run.log(f"wrote the U-ViT base to {model} ({size / 2**20:.1f} MiB of weights); the toy benchmark "
+                f"starts its U-ViT there with --pretrained_uvit_base {model}")
+    else:
+        run.log(f"wrote the base model to {model} ({size / 2**20:.1f} MiB of weights; load it with "
+                f"StableDiffusionPipeline.from_pretrained); copy it to assets/toy_base/ to ship it")
     run.close()
 
 
