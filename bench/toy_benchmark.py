@@ -768,11 +768,15 @@ def _backbone_table(r: dict) -> list[str]:
     b = r.get("backbones") or {}
     if not b:
         return []
-    lines = ["", "## Backbones side by side (toy figures)", "",
-             "Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
-             "training budget, seed, generation settings and segmenter. The U-ViT is a tiny UniDiffuser (not "
-             f"UniDiffuser-v1) {_uvit_pretraining(r['settings'])}: this compares two toy set-ups, not the paper's "
-             "models.", "",
+    uvit = f"a tiny UniDiffuser (not UniDiffuser-v1) {_uvit_pretraining(r['settings'])}" if "uvit" in b else ""
+    if len(b) > 1:
+        caption = ("Toy figures: both backbones get the same toy data, label VAE, image VAE and text encoder, joint "
+                   f"training budget, seed, generation settings and segmenter. The U-ViT is {uvit}: this compares "
+                   "two toy set-ups, not the paper's models.")
+    else:  # one backbone: nothing beside it to compare with
+        caption = (f"Toy figures, one backbone: the U-ViT, {uvit}; not the paper's model." if uvit else
+                   "Toy figures, one backbone: the widened SD UNet; not the paper's model.")
+    lines = ["", "## Backbones side by side (toy figures)", "", caption, "",
              "| backbone | denoiser parameters | s / training step | s / generated pair | synthetic-only mIoU "
              "| ratio to real | prompt-mask agreement | image-mask consistency |", "|---|---|---|---|---|---|---|---|"]
     for name, v in b.items():

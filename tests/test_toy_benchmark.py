@@ -493,7 +493,9 @@ def test_demo_report_writes_only_into_its_run_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "bench").exists()
     assert _snapshot(tracked) == before
     assert json.loads((Path(cfg.output_dir) / "report.json").read_text()) == json.loads(json.dumps(report))
-    assert (Path(cfg.output_dir) / "report.md").is_file()
+    md = (Path(cfg.output_dir) / "report.md").read_text()
+    # the demo trains the UNet alone: its caption names no U-ViT and no comparison
+    assert "Toy figures, one backbone: the widened SD UNet" in md and "U-ViT" not in md and "both backbones" not in md
 
 
 def test_report_puts_the_backbones_side_by_side_and_publishes_only_when_asked(tmp_path, monkeypatch):
@@ -576,6 +578,9 @@ def test_report_says_whether_the_backbones_pretraining_is_equal(tmp_path, monkey
                                     "uvit": toy_benchmark.pretraining_of(str(uvit))})
     said = toy_benchmark._uvit_pretraining(settings)
     assert said.endswith("but their pretraining differs (image_steps)") and "equal" not in said
+    # the U-ViT alone (as in the half-pretraining run): its caption says so, and still how it was pretrained
+    alone = toy_benchmark._backbone_table({"settings": settings, "backbones": {"uvit": report["backbones"]["uvit"]}})
+    assert f"Toy figures, one backbone: the U-ViT, a tiny UniDiffuser (not UniDiffuser-v1) {said}" in alone[3]
 
 
 def test_report_opens_with_a_sheet_of_sample_pairs_per_method(tmp_path, monkeypatch):
