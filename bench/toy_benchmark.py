@@ -199,10 +199,8 @@ def chain_paths(cfg: ToyBenchmarkConfig) -> dict[str, Path]:
         paths.update(base_model=Path(cfg.pretrained_base), image_pipeline=Path(cfg.pretrained_base))
     else:
         paths["image_pipeline"] = paths["image_unet_run"] / "pipeline"
-    # the image-pretrained UniDiffuser the U-ViT's step 0 starts from, and that pretraining's metrics
+    # the image-pretrained UniDiffuser the U-ViT's step 0 starts from
     paths["uvit_pretrained"] = Path(cfg.pretrained_uvit_base or paths["uvit_image_run"] / "pipeline")
-    paths["uvit_pretraining_metrics"] = (Path(cfg.pretrained_uvit_base) / "metrics.jsonl" if cfg.pretrained_uvit_base
-                                         else paths["uvit_image_run"] / "metrics.jsonl")
     return paths
 
 
@@ -255,12 +253,11 @@ def check_pretrained_base(base: Path) -> None:
             f"and copy runs/toy_web_base/model/ there, or pass --pretrained_base '' to train one in the chain")
 
 
-def _file_digests(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``folder``."""
-    import hashlib
-
-    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether folders ``a`` and ``b`` hold the same files (relative paths) with the same bytes."""
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    return files == sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file()) and \
+        all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
 def check_pretrained_uvit_base(folder: Path, sd_base: str) -> None:
@@ -277,7 +274,7 @@ def check_pretrained_uvit_base(folder: Path, sd_base: str) -> None:
     from models.toy_unidiffuser import COPIED_FROM_SD_BASE  # SD base part -> UniDiffuser part
 
     shared = {sd: ours for sd, ours in COPIED_FROM_SD_BASE.items() if sd != "scheduler"}
-    differ = [ours for sd, ours in shared.items() if _file_digests(folder / ours) != _file_digests(Path(sd_base) / sd)]
+    differ = [ours for sd, ours in shared.items() if not _same_files(folder / ours, Path(sd_base) / sd)]
     if differ:
         die(f"{folder}: its {', '.join(differ)} differ from {sd_base}'s, so the backbones would not share them; {how}")
 
@@ -495,7 +492,8 @@ def _loss_curves(cfg: ToyBenchmarkConfig, res: dict, pics: Path) -> dict[str, st
         "image-only UNet": (p["image_unet_run"] / "metrics.jsonl", ("loss",), "step", "loss_image_unet.png"),
         "joint UNet": (p["joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss"), "step",
                        "loss_joint_unet.png"),
-        "image-only U-ViT (UniDiffuser)": (p["uvit_pretraining_metrics"], ("loss",), "step", "loss_image_uvit.png"),
+        "image-only U-ViT (UniDiffuser)": (Path(cfg.pretrained_uvit_base or p["uvit_image_run"]) / "metrics.jsonl",
+                                           ("loss",), "step", "loss_image_uvit.png"),
         "joint U-ViT": (p["uvit_joint_run"] / "metrics.jsonl", ("loss", "image_loss", "label_loss", "text_loss",
                                                                 "clip_loss"), "step", "loss_joint_uvit.png"),
     }

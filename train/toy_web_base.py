@@ -131,8 +131,8 @@ def export_model(cfg: ToyWebBaseConfig, argv: list[str], out: Path) -> Path:
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(unet_run / "pipeline", model)
-    # the UniDiffuser writer trains nothing: its settings are this command's (sd_base, seed)
-    trained_init = (base_init / "config.yaml").exists()
+    # only the UNet's stage 2 trains (the VAE); the UniDiffuser writer's settings are this command's
+    trained_init = cfg.backbone == "unet"
     configs = {"command": " ".join(["python -m train.toy_web_base", *argv]),
                "toy_web_base": config_to_dict(cfg),
                "base_model": yaml.safe_load((base_init / "config.yaml").read_text()) if trained_init else None,
