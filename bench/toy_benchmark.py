@@ -255,9 +255,11 @@ def check_pretrained_base(base: Path) -> None:
 
 def _same_files(a: Path, b: Path) -> bool:
     """Whether folders ``a`` and ``b`` hold the same files (relative paths) with the same bytes."""
-    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
-    return files == sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file()) and \
-        all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    import filecmp
+
+    files = sorted(f.relative_to(a).as_posix() for f in a.rglob("*") if f.is_file())
+    return files == sorted(f.relative_to(b).as_posix() for f in b.rglob("*") if f.is_file()) and \
+        filecmp.cmpfiles(a, b, files, shallow=False)[0] == files
 
 
 def check_pretrained_uvit_base(folder: Path, sd_base: str) -> None:
