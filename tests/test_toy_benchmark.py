@@ -21,7 +21,7 @@ from bench.toy_benchmark import (
     write_report,
 )
 from dataset import get_dataset_info
-from utils.config import parse_config
+from utils.config import config_to_dict, parse_config
 from utils.io import RunDir, save_image_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,6 +400,35 @@ def test_equal_pretraining_profile_starts_the_uvit_from_its_web_base_at_the_unet
     assert joint.max_train_steps == uvit_joint.max_train_steps == 1500 and joint.seed == uvit_joint.seed == 0
     assert {parse_config(GenerateConfig, calls[n][3:]).num_pairs for n in ("generate", "uvit_generate")} == {1000}
 
+
+
+def test_bench_both_profile_is_the_benchmark_with_the_uvit_beside_it(tmp_path, monkeypatch):
+    """configs/toy_benchmark/bench_both.yaml: bench.yaml's every setting, plus the U-ViT from its web base."""
+    from inference.generate import GenerateConfig
+    from train.joint_diffusion import JointDiffusionConfig
+
+    bench, both = (config_to_dict(parse_config(ToyBenchmarkConfig, ["--config", str(REPO / f"configs/toy_benchmark/{n}.yaml")]))
+                   for n in ("bench", "bench_both"))
+    differ = {k for k in bench if bench[k] != both[k]}
+    assert differ == {"profile", "output_dir", "backbones", "pretrained_uvit_base"}
+    assert both["backbones"] == ["unet", "uvit"] and both["pretrained_uvit_base"] == "runs/toy_web_uvit_base/model"
+    assert "python -m train.toy_web_base --backbone uvit --output_dir runs/toy_web_uvit_base" in (
+        REPO / "configs/toy_benchmark/bench_both.yaml").read_text()
+
+    uvit = _fake_uvit_base(tmp_path, _fake_base(tmp_path))
+    cfg = _profile("bench_both", tmp_path, "--pretrained_uvit_base", str(uvit))
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    run_chain(cfg, run)
+    run.close()
+    assert list(calls) == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate", "optimize_masks",
+                           "diffumask", "uvit_init", "uvit_joint", "uvit_generate", "uvit_optimize_masks",
+                           "seg_real", "seg_jodiffusion", "seg_jodiffusion_optim50", "seg_jodiffusion_uvit",
+                           "seg_jodiffusion_uvit_optim50", "seg_diffumask"]
+    joint, uvit_joint = (parse_config(JointDiffusionConfig, calls[n][3:]) for n in ("joint", "uvit_joint"))
+    assert joint.max_train_steps == uvit_joint.max_train_steps == 6600 and joint.seed == uvit_joint.seed == 0
+    assert {parse_config(GenerateConfig, calls[n][3:]).num_pairs for n in ("generate", "uvit_generate")} == {4000}
+    assert toy_benchmark.published_name(cfg) == "toy_benchmark_benchmark_both"
 
 def test_a_uvit_base_that_does_not_share_the_sd_bases_parts_is_refused_before_any_stage(tmp_path, monkeypatch,
                                                                                        capsys):
