@@ -211,6 +211,15 @@ def _record_stages(monkeypatch) -> dict[str, list[str]]:
     return calls
 
 
+def _run_recorded(cfg: ToyBenchmarkConfig, monkeypatch) -> dict[str, list[str]]:
+    """The whole chain of ``cfg`` with its stages recorded (``_record_stages``), not run."""
+    calls = _record_stages(monkeypatch)
+    run = RunDir(cfg.output_dir)
+    run_chain(cfg, run)
+    run.close()
+    return calls
+
+
 def _flag(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
@@ -221,10 +230,7 @@ def test_both_profiles_start_from_the_shipped_base(tmp_path, monkeypatch):
         assert parse_config(ToyBenchmarkConfig, ["--config", str(REPO / f"configs/toy_benchmark/{name}.yaml")]
                             ).pretrained_base == "assets/toy_base"
     cfg = _profile("bench", tmp_path, "--diffumask", "true")
-    calls = _record_stages(monkeypatch)
-    run = RunDir(cfg.output_dir)
-    run_chain(cfg, run)
-    run.close()
+    calls = _run_recorded(cfg, monkeypatch)
     # no base is trained: label VAE -> init from the base -> joint fine-tune -> generation -> ...
     assert list(calls)[:5] == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate"]
     assert "base_model" not in calls and "image_unet" not in calls
@@ -386,10 +392,7 @@ def test_equal_pretraining_profile_starts_the_uvit_from_its_web_base_at_the_unet
 
     uvit = _fake_uvit_base(tmp_path, _fake_base(tmp_path))
     cfg = _profile("equal_pretraining", tmp_path, "--pretrained_uvit_base", str(uvit))
-    calls = _record_stages(monkeypatch)
-    run = RunDir(cfg.output_dir)
-    run_chain(cfg, run)
-    run.close()
+    calls = _run_recorded(cfg, monkeypatch)
     # nothing pretrains inside the chain: both backbones start from their web-pretrained bases
     assert list(calls) == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate", "optimize_masks",
                            "uvit_init", "uvit_joint", "uvit_generate", "uvit_optimize_masks",
@@ -417,10 +420,7 @@ def test_bench_both_profile_is_the_benchmark_with_the_uvit_beside_it(tmp_path, m
 
     uvit = _fake_uvit_base(tmp_path, _fake_base(tmp_path))
     cfg = _profile("bench_both", tmp_path, "--pretrained_uvit_base", str(uvit))
-    calls = _record_stages(monkeypatch)
-    run = RunDir(cfg.output_dir)
-    run_chain(cfg, run)
-    run.close()
+    calls = _run_recorded(cfg, monkeypatch)
     assert list(calls) == ["toy_data", "label_vae", "init_jodiffusion", "joint", "generate", "optimize_masks",
                            "diffumask", "uvit_init", "uvit_joint", "uvit_generate", "uvit_optimize_masks",
                            "seg_real", "seg_jodiffusion", "seg_jodiffusion_optim50", "seg_jodiffusion_uvit",
