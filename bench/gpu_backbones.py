@@ -34,7 +34,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import math
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.gpu_smoke import build_components, count
+from bench.bench_generation import time_call
+from bench.gpu_smoke import build_components, count, host_versions
 from models.joint_unet import widen_unet_for_labels
 from models.joint_uvit import PAPER_UVIT_CONFIG, JoDiffusionUViT
 from models.pipeline_jodiffusion import build_jodiffusion_pipeline, make_scheduler
@@ -102,13 +102,9 @@ class Memory:
         self.cuda = device.type == "cuda"
         self.device = device
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def reset(self) -> None:
         if self.cuda:
-            self.sync()
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def allocated(self) -> float | None:
@@ -173,12 +169,9 @@ def measure_training(name: str, denoiser, comps: dict, recipe, cfg: GpuBackbones
     weights = mem.allocated()
     losses, times = [], []
     for i in range(2 + cfg.timed_steps):
-        mem.sync()
-        t0 = time.perf_counter()
-        losses.append(step())
-        mem.sync()
+        seconds = time_call(lambda: losses.append(step()), device)
         if i >= 2:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     moved = any(not torch.equal(b, p.detach().float()) for b, p in zip(before, denoiser.parameters()))
     result = dict(batch=batch, mixed_precision=mixed, optimizer="AdamW8bit" if use_8bit else "AdamW",
                   optimizer_asked="AdamW8bit" if recipe.use_8bit_adam else "AdamW",
@@ -216,13 +209,9 @@ def measure_pair(name: str, denoiser, comps: dict, label_vae, gen_cfg, cfg: GpuB
     with torch.no_grad():
         pair()  # warm-up
         mem.reset()
-        times, out = [], None
-        for _ in range(cfg.gen_repeats):
-            mem.sync()
-            t0 = time.perf_counter()
-            out = pair()
-            mem.sync()
-            times.append(time.perf_counter() - t0)
+        outs = []
+        times = [time_call(lambda: outs.append(pair()), device) for _ in range(cfg.gen_repeats)]
+        out = outs[-1]
     image, mask = np.asarray(out.images[0]), np.asarray(out.masks[0])
     return dict(steps=steps, guidance_scale=gen_cfg.guidance_scale, scheduler=gen_cfg.scheduler,
                 dtype=str(dtype).replace("torch.", ""), sec_per_pair=min(times),
@@ -252,15 +241,8 @@ def check(result: dict, resolution: int) -> list[str]:
 
 
 def host() -> dict:
-    import accelerate
-    import diffusers
-    import transformers
-
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(gpu=gpu, platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cuda=torch.version.cuda, diffusers=diffusers.__version__, transformers=transformers.__version__,
-                accelerate=accelerate.__version__,
-                bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+    return dict(gpu=gpu, **host_versions(), bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
 
 
 def _gib(x) -> str:

@@ -445,16 +445,21 @@ def fresh_out_dir(out_arg: str) -> Path:
     return out
 
 
-def new_result(cfg: GpuSmokeConfig, plan: SmokePlan, out: Path) -> dict:
-    """The results record before any stage ran: mode, host, versions, settings (not passed yet)."""
+def host_versions() -> dict:
+    """Platform, Python, torch, CUDA and the Hugging Face libraries' versions."""
     import accelerate
     import diffusers
     import transformers
 
+    return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                cuda=torch.version.cuda, diffusers=diffusers.__version__, transformers=transformers.__version__,
+                accelerate=accelerate.__version__)
+
+
+def new_result(cfg: GpuSmokeConfig, plan: SmokePlan, out: Path) -> dict:
+    """The results record before any stage ran: mode, host, versions, settings (not passed yet)."""
     return dict(mode="tiny" if cfg.tiny else "sd15", passed=False, failures=[], device=cfg.device,
-                host=dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                          cuda=torch.version.cuda, diffusers=diffusers.__version__,
-                          transformers=transformers.__version__, accelerate=accelerate.__version__),
+                host=host_versions(),
                 settings=dict(config_to_dict(cfg), mixed_precision=plan.precision, resolution=plan.resolution,
                               train_steps=plan.train_steps, resume_steps=plan.resume_steps, num_workers=plan.workers,
                               gen_pairs=plan.gen_pairs, gen_steps=plan.gen_steps),
